@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random SwiGLU models and a tokenizer built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lit_prune.tokenizer import build_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_CORPUS = [
+    "Tom has 12 apples and buys 7 more. How many apples does Tom have? 12 + 7 = 19. \\boxed{19}",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "The Eiffel Tower is in Paris. Where is the Eiffel Tower? Paris.",
+    "Hello, how are you today? I am fine, thank you. Shall we go to the park?",
+    "def add(a, b):\n    return a + b\n",
+] * 20
+
+TINY_VOCAB = 384
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer(_CORPUS, vocab_size=TINY_VOCAB)
+
+
+def make_tiny_qwen2(seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    return model.eval()
+
+
+def make_tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        mlp_bias=True,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return make_tiny_qwen2()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
