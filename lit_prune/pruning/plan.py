@@ -26,11 +26,13 @@ from lit_prune.pruning.importance import CRITERIA, compute_scores
 from lit_prune.pruning.stats import NeuronStats
 from lit_prune.pruning.swiglu import find_swiglu_mlps, slice_model
 
-__all__ = ["PLAN_FILENAME", "PrunePlan", "kept_width", "make_plan", "validate_ratio"]
+__all__ = ["CHECKPOINT_KEY", "PLAN_FILENAME", "PrunePlan", "kept_width", "make_plan", "validate_ratio"]
 
 log = logging.getLogger(__name__)
 
 PLAN_FILENAME = "prune_plan.json"
+# Top-level key of Lightning checkpoints that carries the plan, so a resumed run rebuilds the shapes first.
+CHECKPOINT_KEY = "lit_prune"
 
 
 def validate_ratio(ratio: float) -> float:

@@ -1,0 +1,49 @@
+"""``python -m lit_prune fit|validate|test|predict --config configs/x.yaml``: a LightningCLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+from lit_prune.data.datamodule import PruneDataModule
+from lit_prune.module import PrunableCausalLM
+
+__all__ = ["LitPruneCLI", "cli_main"]
+
+log = logging.getLogger(__name__)
+
+
+class LitPruneCLI(LightningCLI):
+    """LightningCLI for :class:`PrunableCausalLM` and :class:`PruneDataModule`.
+
+    ``fit --ckpt_path X`` sets ``trainer.ckpt_path`` before fitting: Lightning tells callbacks about the
+    checkpoint during ``setup`` only that way, and the pruning callbacks need it to replay the stored
+    plan instead of capturing again.
+    """
+
+    @override
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "fit" and kwargs.get("ckpt_path"):
+            path = kwargs.pop("ckpt_path")
+            if os.path.isfile(path):
+                self.trainer.ckpt_path = path
+            else:
+                kwargs["ckpt_path"] = path  # "last", "hpc", ...: Lightning resolves these itself
+        return kwargs
+
+
+def cli_main(args: list[str] | dict | None = None, run: bool = True) -> LitPruneCLI:
+    """Run the CLI (``args`` as in ``LightningCLI``; None reads ``sys.argv``)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return LitPruneCLI(
+        PrunableCausalLM,
+        PruneDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )

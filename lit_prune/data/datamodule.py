@@ -1,0 +1,180 @@
+"""PruneDataModule: capture sets (target and distractor prompts) and the LoRA fine-tune set."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lit_prune.data.prompts import format_prompt
+from lit_prune.data.sources import Example, load_examples
+
+__all__ = ["PruneDataModule", "SupervisedCollator", "tokenize_supervised"]
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_supervised(tokenizer, example: Example, max_length: int) -> dict[str, list[int]] | None:
+    """Token ids of prompt + response + EOS, with labels only on the response (``-100`` on the prompt).
+
+    Returns None when the example has no response or nothing of the response fits into ``max_length``.
+    """
+    if not example.response:
+        return None
+    prompt_ids = tokenizer(format_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    if all(label == -100 for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class SupervisedCollator:
+    """Right-pads token lists into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PruneDataModule(L.LightningDataModule):
+    """Capture sets for pruning and the fine-tune set for LoRA recovery.
+
+    The tokenizer comes from the LightningModule (``trainer.lightning_module.tokenizer``), so the
+    datamodule needs no model name of its own.
+    """
+
+    def __init__(
+        self,
+        target: str | list[str] = "gsm8k",
+        distractors: str | list[str] | None = None,
+        capture_samples: int = 800,
+        finetune: str | list[str] | None = None,
+        finetune_samples: int | None = None,
+        val_samples: int = 64,
+        max_length: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        """
+        Args:
+            target: Source(s) of target-task prompts (a preset such as ``gsm8k`` or a local file).
+            distractors: Source(s) of distractor prompts; defaults to the paper's ``squad`` and
+                ``everyday-conversations``.
+            capture_samples: Prompts drawn from each capture source (the paper: 800).
+            finetune: Source(s) of prompt/response pairs for LoRA recovery (None: no fine-tune set).
+            finetune_samples: Fine-tune examples to use (all when None).
+            val_samples: Fine-tune examples held out for validation loss (0 turns validation off).
+            max_length: Longest token sequence for capture and fine-tuning; longer ones are cut.
+            batch_size: Fine-tune micro-batch size per device.
+            num_workers: DataLoader worker processes.
+            seed: Seed of all subsampling and of the train/validation split.
+
+        Raises:
+            ValueError: If a count is out of range or no target/distractor source is given.
+        """
+        super().__init__()
+        self.target = [target] if isinstance(target, str) else list(target)
+        if distractors is None:
+            distractors = ["squad", "everyday-conversations"]
+        self.distractors = [distractors] if isinstance(distractors, str) else list(distractors)
+        self.finetune = [finetune] if isinstance(finetune, str) else list(finetune or [])
+        if not self.target:
+            raise ValueError("`target` must name at least one source; got none")
+        if not self.distractors:
+            raise ValueError("`distractors` must name at least one source; got none")
+        for name, value, minimum in (("capture_samples", capture_samples, 1), ("batch_size", batch_size, 1),
+                                     ("max_length", max_length, 8), ("val_samples", val_samples, 0),
+                                     ("num_workers", num_workers, 0)):
+            if value < minimum:
+                raise ValueError(f"`{name}` must be >= {minimum}; got {value}")
+        if finetune_samples is not None and finetune_samples < 1:
+            raise ValueError(f"`finetune_samples` must be >= 1 or None; got {finetune_samples}")
+        self.capture_samples = capture_samples
+        self.finetune_samples = finetune_samples
+        self.val_samples = val_samples
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._capture: dict[str, list[Example]] | None = None
+        self._train: list[dict] | None = None
+        self._val: list[dict] | None = None
+        self._tokenizer = None
+
+    def capture_examples(self) -> dict[str, list[Example]]:
+        """Target and distractor examples, ``capture_samples`` from each source (loaded once)."""
+        if self._capture is None:
+            self._capture = {
+                "target": [e for s in self.target for e in load_examples(s, limit=self.capture_samples, seed=self.seed)],
+                "distractor": [e for s in self.distractors
+                               for e in load_examples(s, limit=self.capture_samples, seed=self.seed)],
+            }
+        return self._capture
+
+    def capture_prompts(self, tokenizer) -> dict[str, list[str]]:
+        """Formatted capture prompts per group (what the model reads during capture)."""
+        return {group: [format_prompt(tokenizer, e) for e in examples]
+                for group, examples in self.capture_examples().items()}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is None or getattr(module, "tokenizer", None) is None:
+                raise RuntimeError("PruneDataModule needs a LightningModule with a `tokenizer` attribute")
+            self._tokenizer = module.tokenizer
+        return self._tokenizer
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.finetune and self._train is None:
+            self._build_finetune()
+
+    def _build_finetune(self) -> None:
+        examples = [e for s in self.finetune for e in load_examples(s, limit=self.finetune_samples, seed=self.seed)]
+        rows = [row for e in examples if (row := tokenize_supervised(self.tokenizer, e, self.max_length))]
+        if len(rows) <= self.val_samples:
+            raise ValueError(f"fine-tune sources {self.finetune} gave {len(rows)} usable examples; need more than "
+                             f"`val_samples`={self.val_samples}")
+        random.Random(self.seed).shuffle(rows)
+        self._val, self._train = rows[: self.val_samples], rows[self.val_samples:]
+        log.info("fine-tune set: %d train, %d validation examples", len(self._train), len(self._val))
+
+    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        if not self.finetune:
+            raise ValueError("no fine-tune data: set `data.finetune` to a source, or run without recovery")
+        if self._train is None:
+            self._build_finetune()
+        return self._loader(self._train, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.finetune or not self.val_samples:
+            return []
+        if self._val is None:
+            self._build_finetune()
+        return self._loader(self._val, shuffle=False)

@@ -1,0 +1,38 @@
+"""Turn examples into model input text: the paper's instructions (Appendix E) and the chat template."""
+
+from __future__ import annotations
+
+import logging
+
+from lit_prune.data.sources import Example
+
+__all__ = ["CODE_INSTRUCTION", "MATH_INSTRUCTION", "format_prompt", "instruction_for"]
+
+log = logging.getLogger(__name__)
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = "You are a helpful coding assistant. Write correct, self-contained Python code."
+
+_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION}
+
+
+def instruction_for(kind: str) -> str | None:
+    """The system instruction the paper uses for a task kind (None for distractor kinds)."""
+    return _INSTRUCTIONS.get(kind)
+
+
+def format_prompt(tokenizer, example: Example | str, kind: str | None = None) -> str:
+    """The text a model sees for ``example``, ending where its answer begins.
+
+    With a chat template: the instruction as system message, the prompt as user message and the
+    generation prompt. Without one: instruction and prompt separated by newlines.
+    """
+    if isinstance(example, str):
+        example = Example(example, None, kind or "text")
+    instruction = instruction_for(kind or example.kind)
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
+            {"role": "user", "content": example.prompt}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (f"{instruction}\n\n" if instruction else "") + example.prompt + "\n"

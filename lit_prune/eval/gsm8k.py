@@ -1,0 +1,350 @@
+"""GSM8K exact match on the last ``\\boxed{...}`` answer.
+
+The paper ("Exploring the Limits of Pruning", arXiv 2604.27115, Sec. 3.5 and Appendix E.1) asks the math
+model to "put your final answer within \\boxed{}" and scores exact match between the boxed answer and the
+number after ``####`` in the GSM8K reference. This module extracts the last complete box (balanced, nested
+braces), normalises both sides to a canonical number (thousands separators, currency, units, LaTeX
+fractions, ``0.50 == 0.5`` ...) and wraps the comparison in a :class:`torchmetrics.Metric`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from decimal import Decimal
+from fractions import Fraction
+
+import torch
+from torchmetrics import Metric
+
+__all__ = [
+    "GSM8K_INSTRUCTION",
+    "GSM8KExactMatch",
+    "extract_last_boxed",
+    "is_exact_match",
+    "normalize_answer",
+    "reference_answer",
+]
+
+log = logging.getLogger(__name__)
+
+# The paper's Appendix E.1 instruction (the sentence about the regex is the paper's note, not the prompt).
+GSM8K_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# Commands whose argument is kept as plain text: \text{ dollars} -> " dollars".
+_TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+# LaTeX spacing and sizing commands that carry no value.
+_DROPPED_COMMANDS = re.compile(r"\\(?:left|right|displaystyle|[!,;:>]|quad|qquad)")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMERIC = re.compile(rf"^({_NUMBER})(?:/({_NUMBER}))?$")
+_MIXED_NUMBER = re.compile(rf"^([-+]?\d+)\s+(\d+)/(\d+)$")
+# A number followed by unit words ("18 dollars", "12cm", "5 sq ft", "3 m^2", "40 km/h").
+_NUMBER_WITH_UNIT = re.compile(
+    rf"^({_NUMBER}(?:/{_NUMBER})?)\s*([A-Za-z][A-Za-z\s.'/\-]*(?:\^\s*\{{?\d\}}?)?)\.?$"
+)
+_PERCENT = re.compile(r"\s*(?:%|\\%|percent|per\s*cent)\s*$", re.IGNORECASE)
+
+
+def _match_brace(text: str, open_index: int) -> int | None:
+    """Index of the ``}`` that closes the ``{`` at ``open_index``; escaped braces (``\\{``) do not count."""
+    depth = 0
+    index = open_index
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+        index += 1
+    return None
+
+
+def _box_contents(text: str) -> list[tuple[int, str]]:
+    """All complete boxes in ``text`` as ``(start index, content)``, in order of their start."""
+    boxes: list[tuple[int, str]] = []
+    for command in _BOX_COMMANDS:
+        start = text.find(command)
+        while start != -1:
+            after = start + len(command)
+            # `\boxedx` is another command, not a box.
+            if after < len(text) and (text[after].isalpha()):
+                start = text.find(command, after)
+                continue
+            cursor = after
+            while cursor < len(text) and text[cursor] in " \t":
+                cursor += 1
+            if cursor < len(text) and text[cursor] == "{":
+                close = _match_brace(text, cursor)
+                if close is not None:
+                    boxes.append((start, text[cursor + 1 : close]))
+            elif cursor > after:
+                # `\boxed 5` (a single argument token without braces) is valid LaTeX.
+                match = re.match(r"[^\s$]+", text[cursor:])
+                if match:
+                    boxes.append((start, match.group(0)))
+            start = text.find(command, after)
+    boxes.sort(key=lambda box: box[0])
+    return boxes
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """Return the content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
+
+    Braces nest (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``) and escaped braces (``\\{``) do not count.
+    A box that never closes (a generation cut off by ``max_new_tokens``) is not an answer; the last box that
+    does close is returned instead. Empty boxes, as in an echoed instruction "within \\boxed{}", are ignored.
+    For nested boxes the innermost-last one wins (``\\boxed{\\boxed{5}}`` gives ``5``).
+
+    Args:
+        text: A model generation.
+
+    Returns:
+        The box content with surrounding whitespace removed, or ``None`` if there is no complete, non-empty box.
+
+    Raises:
+        TypeError: If ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str; got {type(text).__name__}")
+    for _, content in reversed(_box_contents(text)):
+        if content.strip():
+            return content.strip()
+    return None
+
+
+def _replace_fractions(text: str) -> str:
+    """Rewrite ``\\frac{a}{b}`` (and ``\\dfrac``, ``\\tfrac``, ``\\frac12``) as ``a/b``."""
+    text = re.sub(r"\\[dt]frac", r"\\frac", text)
+    while True:
+        start = text.find("\\frac")
+        if start == -1:
+            return text
+        cursor = start + len("\\frac")
+        parts: list[str] = []
+        for _ in range(2):
+            while cursor < len(text) and text[cursor] == " ":
+                cursor += 1
+            if cursor >= len(text):
+                return text
+            if text[cursor] == "{":
+                close = _match_brace(text, cursor)
+                if close is None:
+                    return text
+                parts.append(text[cursor + 1 : close].strip())
+                cursor = close + 1
+            else:
+                # `\frac12`: each argument is a single character.
+                parts.append(text[cursor])
+                cursor += 1
+        numerator, denominator = parts
+        # `2\frac{1}{2}` is the mixed number 2 1/2, not 21/2.
+        separator = " " if start > 0 and text[start - 1].isdigit() else ""
+        text = f"{text[:start]}{separator}{numerator}/{denominator}{text[cursor:]}"
+
+
+def _to_fraction(text: str) -> Fraction | None:
+    """Parse ``a``, ``a/b`` or the mixed number ``a b/c`` into a Fraction; ``None`` if it is not numeric."""
+    mixed = _MIXED_NUMBER.match(text)
+    if mixed:
+        whole, numerator, denominator = (int(group) for group in mixed.groups())
+        if denominator == 0:
+            return None
+        sign = -1 if mixed.group(1).startswith("-") else 1
+        return whole + sign * Fraction(numerator, denominator)
+    match = _NUMERIC.match(text)
+    if not match:
+        return None
+    value = Fraction(match.group(1))
+    if match.group(2) is not None:
+        denominator = Fraction(match.group(2))
+        if denominator == 0:
+            return None
+        value /= denominator
+    return value
+
+
+def _canonical(value: Fraction) -> str:
+    """``"42"`` for integers, ``"0.5"`` for terminating decimals, ``"1/3"`` for other rationals."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    remainder = value.denominator
+    for prime in (2, 5):
+        while remainder % prime == 0:
+            remainder //= prime
+    if remainder == 1:
+        return format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+    return f"{value.numerator}/{value.denominator}"
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """Bring an answer to a canonical form so that equal numbers compare equal as strings.
+
+    Handles ``$`` and ``\\$``, thousands separators (``1,234``, ``1{,}234``, ``1\\,234``), ``%``, trailing unit
+    words (``18 dollars``, ``12cm``, ``\\text{ apples}``), trailing zeros (``5.00``), LaTeX fractions
+    (``\\frac``, ``\\dfrac``, ``\\tfrac``, ``\\frac12``, mixed numbers ``2\\frac{1}{2}``), spacing commands
+    (``\\!``, ``\\,``), the Unicode minus ``−``, degrees, and ``x = 5`` (the right-hand side is kept).
+
+    Numbers are parsed exactly with :class:`fractions.Fraction` and printed canonically: integers as ``"42"``,
+    terminating decimals as ``"0.5"`` (``0.50``, ``.5`` and ``\\frac{1}{2}`` all give ``"0.5"``; ``\\frac{6}{3}``
+    and ``2.00`` give ``"2"``), other rationals as a reduced ``"p/q"`` (``\\frac{2}{6}`` gives ``"1/3"``).
+    Text that is not a number is returned with LaTeX noise and all whitespace removed.
+
+    Args:
+        text: An answer string, or ``None`` (no answer).
+
+    Returns:
+        The canonical string, or ``None`` if ``text`` is ``None``.
+
+    Raises:
+        TypeError: If ``text`` is neither a string nor ``None``.
+    """
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str or None; got {type(text).__name__}")
+    cleaned = text.strip()
+    previous = None
+    while previous != cleaned:
+        previous = cleaned
+        cleaned = _TEXT_COMMANDS.sub(r"\1", cleaned)
+    cleaned = cleaned.replace("{,}", ",").replace("\\ ", " ")
+    cleaned = _DROPPED_COMMANDS.sub("", cleaned)
+    cleaned = cleaned.replace("\\$", "$").replace("\\%", "%")
+    cleaned = cleaned.replace("\u2212", "-").replace("\u2013", "-").replace("\u2014", "-")
+    cleaned = cleaned.replace("$", "")
+    cleaned = _DEGREES.sub("", cleaned)
+    cleaned = _replace_fractions(cleaned)
+    if "=" in cleaned:
+        cleaned = cleaned.rsplit("=", 1)[1]
+    cleaned = cleaned.strip().rstrip(".").strip()
+    cleaned = _THOUSANDS_COMMA.sub("", cleaned)
+    cleaned = _PERCENT.sub("", cleaned)
+    # Braces left around a plain value: "{5}" -> "5".
+    while cleaned.startswith("{") and _match_brace(cleaned, 0) == len(cleaned) - 1:
+        cleaned = cleaned[1:-1].strip()
+    # "- 5" -> "-5"; "-\frac..." already became "-a/b".
+    cleaned = re.sub(r"^([-+])\s+(?=[\d.])", r"\1", cleaned)
+    value = _to_fraction(cleaned)
+    if value is None:
+        with_unit = _NUMBER_WITH_UNIT.match(cleaned)
+        if with_unit:
+            value = _to_fraction(with_unit.group(1))
+    if value is not None:
+        return _canonical(value)
+    return re.sub(r"\s+", "", cleaned)
+
+
+def reference_answer(answer_field: str) -> str:
+    """Return the final answer of a GSM8K ``answer`` field: the text after the last ``####``.
+
+    Args:
+        answer_field: The GSM8K ``answer`` string (reasoning, then ``#### 42``).
+
+    Returns:
+        The answer text after ``####``, stripped (e.g. ``"42"`` or ``"1,000"``).
+
+    Raises:
+        TypeError: If ``answer_field`` is not a string.
+        ValueError: If ``answer_field`` has no ``####`` or nothing follows it.
+    """
+    if not isinstance(answer_field, str):
+        raise TypeError(f"`answer_field` must be a str; got {type(answer_field).__name__}")
+    if "####" not in answer_field:
+        raise ValueError(f"`answer_field` must contain '#### <answer>' (GSM8K format); got {answer_field!r}")
+    answer = answer_field.rsplit("####", 1)[1].strip()
+    if not answer:
+        raise ValueError(f"`answer_field` has nothing after '####'; got {answer_field!r}")
+    return answer
+
+
+def is_exact_match(generation: str, reference: str) -> bool:
+    """Whether the last boxed answer of ``generation`` equals ``reference`` after normalisation.
+
+    A generation without a complete box is wrong (the paper scores the boxed answer only; there is no
+    fallback to "the last number in the text").
+
+    Args:
+        generation: The model output.
+        reference: The reference answer, either a bare answer (``"42"``) or a full GSM8K ``answer`` field
+            containing ``#### 42``.
+
+    Returns:
+        ``True`` if both sides normalise to the same canonical string.
+
+    Raises:
+        TypeError: If either argument is not a string.
+        ValueError: If ``reference`` is empty.
+    """
+    if not isinstance(generation, str):
+        raise TypeError(f"`generation` must be a str; got {type(generation).__name__}")
+    if not isinstance(reference, str):
+        raise TypeError(f"`reference` must be a str; got {type(reference).__name__}")
+    if "####" in reference:
+        reference = reference_answer(reference)
+    if not reference.strip():
+        raise ValueError(f"`reference` must be a non-empty answer; got {reference!r}")
+    predicted = normalize_answer(extract_last_boxed(generation))
+    return predicted is not None and predicted == normalize_answer(reference)
+
+
+class GSM8KExactMatch(Metric):
+    """Fraction of generations whose last ``\\boxed{}`` answer matches the GSM8K reference.
+
+    States ``correct`` and ``total`` are counts summed across processes, so the metric is exact under DDP.
+
+    Example:
+        >>> metric = GSM8KExactMatch()
+        >>> metric.update(["so \\\\boxed{1,000}"], ["#### 1000"])
+        >>> float(metric.compute())
+        1.0
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, **kwargs) -> None:
+        """Create the metric.
+
+        Args:
+            **kwargs: Forwarded to :class:`torchmetrics.Metric` (``sync_on_compute``, ``dist_sync_fn`` ...).
+        """
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, generations: Sequence[str], references: Sequence[str]) -> None:
+        """Score a batch.
+
+        Args:
+            generations: Model outputs.
+            references: Reference answers (bare or full GSM8K ``answer`` fields), same length.
+
+        Raises:
+            ValueError: If the two lists differ in length.
+        """
+        if len(generations) != len(references):
+            raise ValueError(
+                f"`generations` and `references` must have the same length; got {len(generations)} and {len(references)}"
+            )
+        hits = sum(is_exact_match(generation, reference) for generation, reference in zip(generations, references))
+        self.correct += hits
+        self.total += len(generations)
+
+    def compute(self) -> torch.Tensor:
+        """Return ``correct / total`` as a float tensor; ``0.0`` when nothing was scored (``total == 0``)."""
+        if self.total == 0:
+            return torch.tensor(0.0)
+        return self.correct.float() / self.total

@@ -1,0 +1,342 @@
+"""PrunableCausalLM: a LightningModule around a Hugging Face causal LM that can be pruned, LoRA-recovered
+and exported as a plain Hugging Face checkpoint.
+
+The pruning itself is done by the callbacks in ``lit_prune.callbacks`` during ``setup``, before
+``configure_model`` wraps the (already sliced) model with LoRA and before the strategy builds the
+optimizer. This module only holds the model, trains the adapters and writes the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from typing_extensions import override
+
+from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan
+
+__all__ = ["CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LoraSettings", "PrunableCausalLM", "atomic_directory"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters for recovery (the paper's Table 7; presets in :data:`LORA_PRESETS`).
+
+    Attributes:
+        r: Rank of the adapters.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter input.
+        target_modules: Names of the ``nn.Linear`` modules to adapt.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`lora.r` (rank) must be a positive integer; got {self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"`lora.alpha` must be > 0; got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`lora.dropout` must be in [0, 1); got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("`lora.target_modules` must name at least one module; got none")
+
+
+# The paper's Table 7: learning rate and effective batch go with the Trainer / optimizer settings.
+LORA_PRESETS = {
+    "math": {"lora": LoraSettings(r=8, alpha=16, dropout=0.1), "learning_rate": 2e-5, "effective_batch": 8},
+    "code": {"lora": LoraSettings(r=16, alpha=32, dropout=0.1), "learning_rate": 2e-4, "effective_batch": 16},
+}
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final`` that replaces ``final`` when the block succeeds.
+
+    On error the temporary folder is deleted and ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary shared folder
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+class PrunableCausalLM(L.LightningModule):
+    """A Hugging Face causal LM that the pruning callbacks can slice, with LoRA recovery and export."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer_name_or_path: str | None = None,
+        dtype: str = "float32",
+        from_scratch: bool = False,
+        lora: LoraSettings | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        export_dir: str | None = None,
+        merge_on_export: bool = True,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: Hub name or local folder of the causal LM (or of its config when
+                ``from_scratch``).
+            tokenizer_name_or_path: Tokenizer to load (default: ``model_name_or_path``).
+            dtype: Weights dtype when loading: ``float32``, ``bfloat16``, ``float16`` or ``auto``. The
+                Trainer's ``precision`` (e.g. ``bf16-true``) may convert it again.
+            from_scratch: Build the architecture from the config with random weights (to train the toy model).
+            lora: LoRA settings for recovery; None trains every parameter (or nothing, with no train data).
+            learning_rate: AdamW learning rate (the paper: 2e-5 math, 2e-4 code).
+            weight_decay: AdamW weight decay.
+            warmup_steps: Linear warm-up steps of the learning rate.
+            export_dir: Where ``on_fit_end`` writes the final Hugging Face checkpoint (None: no export).
+            merge_on_export: Merge LoRA adapters into the weights before exporting.
+
+        Raises:
+            ValueError: For an unknown ``dtype`` or a negative rate, decay or warm-up.
+        """
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}; got {dtype!r}")
+        if learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be > 0; got {learning_rate}")
+        if weight_decay < 0 or warmup_steps < 0:
+            raise ValueError(f"`weight_decay` and `warmup_steps` must be >= 0; got {weight_decay}, {warmup_steps}")
+        self.save_hyperparameters()
+        self.model_name_or_path = model_name_or_path
+        self.lora = lora
+        self.export_dir = export_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
+        if self.tokenizer.pad_token is None:
+            # Many causal LMs ship without a pad token; padding positions are masked, so EOS serves.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if from_scratch:
+            config = AutoConfig.from_pretrained(model_name_or_path)
+            self.model = AutoModelForCausalLM.from_config(config)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.prune_plan: PrunePlan | None = None
+        self.exported_to: Path | None = None
+
+    # ------------------------------------------------------------------ model surgery
+    @property
+    def is_lora_wrapped(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def set_prune_plan(self, plan: PrunePlan) -> None:
+        """Record the plan the callbacks applied (it travels in checkpoints and exports)."""
+        self.prune_plan = plan
+
+    @override
+    def configure_model(self) -> None:
+        self.add_lora_adapters()
+
+    def add_lora_adapters(self) -> None:
+        """Wrap the (already pruned) model with peft LoRA adapters; only they will train.
+
+        Raises:
+            ValueError: If a target module name matches no ``nn.Linear`` (the message lists the model's names).
+        """
+        if self.lora is None or self.is_lora_wrapped:
+            return
+        from peft import LoraConfig, get_peft_model
+
+        available = _linear_names(self.model)
+        unknown = [t for t in self.lora.target_modules if t not in available]
+        if unknown:
+            raise ValueError(f"`lora.target_modules` {unknown} match no nn.Linear of the model; its Linear names are "
+                             f"{available}")
+        config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                            target_modules=list(self.lora.target_modules), task_type="CAUSAL_LM")
+        self.model = get_peft_model(self.model, config)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        rank_zero_info(f"LoRA r={self.lora.r} alpha={self.lora.alpha} on {list(self.lora.target_modules)}: "
+                       f"{trainable:,} trainable parameters")
+
+    def merged_model(self) -> nn.Module:
+        """The plain Hugging Face model, with LoRA adapters merged in (in place) if there are any."""
+        if self.is_lora_wrapped:
+            self.model = self.model.merge_and_unload()
+        return self.model
+
+    # ------------------------------------------------------------------ training
+    @override
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self(**batch).loss
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    @override
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: the model is frozen and `lora` is None")
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        warmup = self.hparams.warmup_steps
+        if not warmup:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_fit_start(self) -> None:
+        self._check_precision()
+
+    @override
+    def on_train_start(self) -> None:
+        # from_pretrained returns the model in eval mode and Lightning keeps module modes as they are.
+        self.model.train()
+
+    def _check_precision(self) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("bf16") and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"`trainer.precision`={precision!r} needs bfloat16 support, which "
+                             f"{torch.cuda.get_device_name(self.device)} lacks; use '16-mixed' or '32-true'")
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.prune_plan is not None:
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["plan"] = self.prune_plan.to_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("plan")
+        if saved is None:
+            return
+        saved_plan = PrunePlan.from_dict(saved)
+        if self.prune_plan is None or self.prune_plan.kept_indices != saved_plan.kept_indices:
+            current = (f"plan {self.prune_plan.mode} ratio {self.prune_plan.ratio} kept width "
+                       f"{self.prune_plan.kept_width}" if self.prune_plan else "no prune plan")
+            raise ValueError(
+                f"the checkpoint was written by a pruned model (plan {saved_plan.mode} ratio {saved_plan.ratio}, kept "
+                f"width {saved_plan.kept_width} of {saved_plan.original_width}) but the model being resumed has "
+                f"{current}. Resume with the same SelectivityPruneCallback and set `trainer.ckpt_path` before "
+                "`trainer.fit` (the `python -m lit_prune fit --ckpt_path` CLI does this)"
+            )
+
+    # ------------------------------------------------------------------ export
+    @override
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir)
+
+    def export(self, path: str | os.PathLike, extra_card: dict | None = None) -> Path:
+        """Write a plain Hugging Face checkpoint (weights, tokenizer, generation config, plan, model card).
+
+        Adapters are merged first (if ``merge_on_export``). The folder is written next to ``path`` and
+        renamed into place, so a crash never leaves a half-written export. Only global rank 0 writes.
+        """
+        final = Path(path)
+        model = self.merged_model() if self.hparams.merge_on_export else self.model
+        trainer = self._trainer
+        if trainer is None or trainer.is_global_zero:
+            with atomic_directory(final) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                if self.prune_plan is not None:
+                    self.prune_plan.save(tmp / PLAN_FILENAME)
+                card = self.model_card(extra_card)
+                (tmp / "lit_prune.json").write_text(json.dumps(card, indent=1))
+                (tmp / "README.md").write_text(_render_card(card))
+            rank_zero_info(f"exported the model to {final}")
+        if trainer is not None:
+            trainer.strategy.barrier("lit_prune_export")
+        self.exported_to = final
+        return final
+
+    def model_card(self, extra: dict | None = None) -> dict:
+        """Provenance of the exported model: source, method, ratio, data hashes, seeds, versions."""
+        import lightning
+        import peft
+        import transformers
+
+        plan = self.prune_plan
+        card = {
+            "source_model": self.model_name_or_path,
+            "method": "task-specific selective MLP neuron pruning (arXiv 2604.27115) with LoRA recovery",
+            "pruning": None if plan is None else {
+                "mode": plan.mode, "nominal_ratio": plan.ratio, "exact_ratio": plan.exact_ratio,
+                "kept_width": plan.kept_width, "original_width": plan.original_width,
+                "multiple_of": plan.multiple_of, "seed": plan.seed, "aggregation": plan.aggregation,
+                "provenance": plan.provenance,
+            },
+            "lora": None if self.lora is None else asdict(self.lora),
+            "learning_rate": self.hparams.learning_rate,
+            "global_step": self._trainer.global_step if self._trainer is not None else 0,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "lightning": lightning.__version__,
+                         "peft": peft.__version__},
+        }
+        card.update(extra or {})
+        return card
+
+
+def _render_card(card: dict) -> str:
+    pruning = card.get("pruning") or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [pruned, lit-prune]", "---", "",
+        f"# Pruned {card['source_model']}", "",
+        f"Method: {card['method']}.", "",
+        f"- Parameters: {card['parameters']:,}",
+    ]
+    if pruning:
+        lines += [f"- Criterion: {pruning['mode']}; nominal ratio {pruning['nominal_ratio']:.2%}, exact "
+                  f"{pruning['exact_ratio']:.2%} (MLP width {pruning['original_width']} -> {pruning['kept_width']}, "
+                  f"multiple of {pruning['multiple_of']}, seed {pruning['seed']})",
+                  f"- Capture data: {json.dumps(pruning['provenance'])}"]
+    if card.get("lora"):
+        lines.append(f"- LoRA recovery: {json.dumps(card['lora'])}, lr {card['learning_rate']}, "
+                     f"{card['global_step']} steps (merged)")
+    lines += [f"- Versions: {json.dumps(card['versions'])}", "",
+              "Loads with `AutoModelForCausalLM.from_pretrained` (no custom code); `prune_plan.json` lists the kept "
+              "neurons of every layer.", ""]
+    return "\n".join(lines)
