@@ -63,6 +63,9 @@ class LoraSettings:
             raise ValueError("`lora.target_modules` must name at least one module; got none")
 
 
+# Hyper-parameters in Lightning checkpoints hold LoraSettings; let `weights_only` loading accept it.
+torch.serialization.add_safe_globals([LoraSettings])
+
 # The paper's Table 7: learning rate and effective batch go with the Trainer / optimizer settings.
 LORA_PRESETS = {
     "math": {"lora": LoraSettings(r=8, alpha=16, dropout=0.1), "learning_rate": 2e-5, "effective_batch": 8},
@@ -228,9 +231,6 @@ class PrunableCausalLM(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         self._check_precision()
-
-    @override
-    def on_train_start(self) -> None:
         # from_pretrained returns the model in eval mode and Lightning keeps module modes as they are.
         self.model.train()
 

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from typing_extensions import override
 
 from lit_prune.data.prompts import format_prompt
 from lit_prune.data.sources import Example, load_examples
 
-__all__ = ["PruneDataModule", "SupervisedCollator", "tokenize_supervised"]
+__all__ = ["EpochShuffleSampler", "PruneDataModule", "SupervisedCollator", "tokenize_supervised"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,29 @@ class SupervisedCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on ``(seed, epoch)``, drawn as ``torch.utils.data.DistributedSampler`` does.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed at an epoch boundary
+    sees exactly the order an uninterrupted run would have seen (a plain ``RandomSampler`` draws from
+    the global RNG, which checkpoints do not restore). Under DDP Lightning swaps in a
+    ``DistributedSampler`` (seed 0 unless set), whose global batches are the same permutation.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
 class PruneDataModule(L.LightningDataModule):
     """Capture sets for pruning and the fine-tune set for LoRA recovery.
 
@@ -71,6 +94,7 @@ class PruneDataModule(L.LightningDataModule):
         val_samples: int = 64,
         max_length: int = 1024,
         batch_size: int = 8,
+        shuffle: bool = True,
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
@@ -85,6 +109,7 @@ class PruneDataModule(L.LightningDataModule):
             val_samples: Fine-tune examples held out for validation loss (0 turns validation off).
             max_length: Longest token sequence for capture and fine-tuning; longer ones are cut.
             batch_size: Fine-tune micro-batch size per device.
+            shuffle: Shuffle the fine-tune set every epoch (seeded by ``seed`` and the epoch).
             num_workers: DataLoader worker processes.
             seed: Seed of all subsampling and of the train/validation split.
 
@@ -113,6 +138,7 @@ class PruneDataModule(L.LightningDataModule):
         self.val_samples = val_samples
         self.max_length = max_length
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.num_workers = num_workers
         self.seed = seed
         self._capture: dict[str, list[Example]] | None = None
@@ -160,7 +186,13 @@ class PruneDataModule(L.LightningDataModule):
         log.info("fine-tune set: %d train, %d validation examples", len(self._train), len(self._val))
 
     def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if shuffle and distributed:
+            # Lightning replaces a shuffling loader's sampler with DistributedSampler, itself seeded by epoch.
+            return DataLoader(rows, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                              collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
+        sampler = EpochShuffleSampler(len(rows), self.seed) if shuffle else None
+        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
 
     @override
@@ -169,7 +201,7 @@ class PruneDataModule(L.LightningDataModule):
             raise ValueError("no fine-tune data: set `data.finetune` to a source, or run without recovery")
         if self._train is None:
             self._build_finetune()
-        return self._loader(self._train, shuffle=True)
+        return self._loader(self._train, shuffle=self.shuffle)
 
     @override
     def val_dataloader(self) -> DataLoader | list:

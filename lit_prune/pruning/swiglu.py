@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _linear(module: nn.Module | None) -> nn.Linear | None:
+    """``module`` if it is an ``nn.Linear``, or the Linear a peft adapter wraps (``base_layer``)."""
+    if isinstance(module, nn.Linear):
+        return module
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Linear) else None
+
+
 class NotSwiGLUError(ValueError):
     """The model (or one of its MLPs) is not a gate/up/down SwiGLU block."""
 
@@ -43,20 +51,21 @@ class MLPBlock:
 
     @property
     def gate_proj(self) -> nn.Linear:
-        return self.module.gate_proj
+        return _linear(self.module.gate_proj)
 
     @property
     def up_proj(self) -> nn.Linear:
-        return self.module.up_proj
+        return _linear(self.module.up_proj)
 
     @property
     def down_proj(self) -> nn.Linear:
-        return self.module.down_proj
+        """The ``down_proj`` Linear (the base layer under a LoRA adapter); its input is ``h``."""
+        return _linear(self.module.down_proj)
 
     @property
     def width(self) -> int:
         """Current intermediate width (number of neurons)."""
-        return self.module.down_proj.in_features
+        return self.down_proj.in_features
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -77,14 +86,14 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _check_block(name: str, mlp: nn.Module) -> None:
-    missing = [p for p in _PROJECTIONS if not isinstance(getattr(mlp, p, None), nn.Linear)]
+    missing = [p for p in _PROJECTIONS if _linear(getattr(mlp, p, None)) is None]
     if missing:
         children = [n for n, _ in mlp.named_children()]
         raise NotSwiGLUError(
             f"module `{name}` ({type(mlp).__name__}, children {children}) is not a SwiGLU MLP: it lacks nn.Linear "
             f"{missing}. Supported: gate_proj/up_proj/down_proj MLPs (Qwen2/2.5/3, Llama, Mistral)."
         )
-    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    gate, up, down = (_linear(getattr(mlp, p)) for p in _PROJECTIONS)
     if not (gate.out_features == up.out_features == down.in_features and gate.in_features == up.in_features):
         raise NotSwiGLUError(
             f"module `{name}` has inconsistent SwiGLU shapes: gate {tuple(gate.weight.shape)}, "
@@ -155,6 +164,8 @@ def slice_mlp(block: MLPBlock, kept: Sequence[int] | torch.Tensor) -> None:
     """
     index = _as_index(kept, block.width, block.name)
     mlp = block.module
+    if not isinstance(mlp.down_proj, nn.Linear):
+        raise ValueError(f"`{block.name}` carries LoRA adapters; prune before adding adapters (or merge them first)")
     mlp.gate_proj = _take(mlp.gate_proj, index, dim=0)
     mlp.up_proj = _take(mlp.up_proj, index, dim=0)
     mlp.down_proj = _take(mlp.down_proj, index, dim=1)

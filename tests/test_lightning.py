@@ -1,0 +1,309 @@
+"""The Lightning side: callbacks in one Trainer loop, the CLI, export, resume, DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from transformers import AutoModelForCausalLM
+
+from lit_prune.callbacks import ActivationCaptureCallback, SelectivityPruneCallback
+from lit_prune.cli import cli_main
+from lit_prune.data import PruneDataModule
+from lit_prune.module import LoraSettings, PrunableCausalLM
+from lit_prune.pruning import NeuronStats, PrunePlan, find_swiglu_mlps, selectivity
+from lit_prune.tiny import make_tiny_model, save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+GSM8K = str(SHARED / "gsm8k" / "train.jsonl")
+SQUAD = str(SHARED / "squad" / "small-v2.json")
+DIALOG = str(SHARED / "dailydialog" / "validation.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def equal_length_data(tmp_path_factory):
+    """Fine-tune rows that all have the same token count, so per-rank and global loss means agree."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    with path.open("w") as handle:
+        for i in range(32):
+            a, b = 10 + i, 20 + (i * 7) % 38  # two-digit sums: every row has the same token count
+            handle.write(json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"\\boxed{{{a + b}}}",
+                                     "kind": "text"}) + "\n")
+    return str(path)
+
+
+def _datamodule(**overrides):
+    kwargs = dict(target=GSM8K, distractors=[SQUAD, DIALOG], capture_samples=12, finetune=GSM8K,
+                  finetune_samples=24, val_samples=4, max_length=512, batch_size=4)
+    kwargs.update(overrides)
+    return PruneDataModule(**kwargs)
+
+
+def _trainer(callbacks, tmp_path, **overrides):
+    kwargs = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                  num_sanity_val_steps=0, limit_val_batches=0)
+    kwargs.update(overrides)
+    return L.Trainer(callbacks=callbacks, **kwargs)
+
+
+def _adapters(module: PrunableCausalLM) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+def test_fit_prunes_before_optimizer_and_trains_only_adapters(tmp_path, tiny_dir):
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), learning_rate=1e-2)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+    class OptimizerProbe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            self.names = [names[id(p)] for p in params]
+
+    probe = OptimizerProbe()
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.25, multiple_of=32), probe],
+                       tmp_path)
+    trainer.fit(module, datamodule=_datamodule())
+    assert probe.names and all("lora_" in n for n in probe.names)
+    assert all(b.width == 192 for b in find_swiglu_mlps(module.model))
+    assert module.prune_plan is not None and module.prune_plan.kept_width == 192
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+              for n, p in module.model.named_parameters() if "lora_" not in n}
+    untouched = [n for n, p in frozen.items() if "mlp" not in n and torch.equal(p, before[n])]
+    assert len(untouched) == sum("mlp" not in n for n in before)  # base weights outside the MLPs never moved
+
+
+def test_callbacks_in_an_existing_lightning_project(tmp_path):
+    """A user's own LightningModule + the two callbacks; prompts are passed to the callback directly."""
+
+    class UserModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.tokenizer = make_tiny_model(seed=3)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=0.1)
+
+    module = UserModule()
+    data = torch.utils.data.DataLoader(torch.randint(3, 300, (8, 16)), batch_size=4, collate_fn=lambda r: [
+        torch.stack(r)])
+    capture = ActivationCaptureCallback(target_prompts=["Tom has 3 apples and 4 pears.", "12 + 7 = 19"],
+                                        distractor_prompts=["Hello, how are you?", "The tower is in Paris."],
+                                        batch_size=2)
+    prune = SelectivityPruneCallback(0.5, multiple_of=64, plan_path=str(tmp_path / "plan.json"))
+    trainer = _trainer([capture, prune], tmp_path)
+    trainer.fit(module, train_dataloaders=data)
+    assert module.model.config.intermediate_size == 128
+    assert all(b.width == 128 for b in find_swiglu_mlps(module.model))
+    # The optimizer was built after slicing: it holds exactly the sliced model's parameters.
+    assert {id(p) for p in trainer.optimizers[0].param_groups[0]["params"]} == {id(p) for p in module.parameters()}
+    assert PrunePlan.load(tmp_path / "plan.json").kept_indices == prune.plan.kept_indices
+    assert int(capture.stats.target_count) == 2
+
+
+def test_capture_errors(tmp_path):
+    with pytest.raises(ValueError, match="`target_prompts` is empty"):
+        ActivationCaptureCallback(target_prompts=[])
+    with pytest.raises(ValueError, match="`aggregation`"):
+        ActivationCaptureCallback(aggregation="mean")
+    with pytest.raises(ValueError, match=r"`ratio`.*\(0, 1\); got 1.5"):
+        SelectivityPruneCallback(1.5)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        SelectivityPruneCallback(0.2, mode="wanda")
+    with pytest.raises(ValueError, match="`multiple_of`"):
+        SelectivityPruneCallback(0.2, multiple_of=0)
+
+
+def test_multiple_of_larger_than_width_is_named(tmp_path, tiny_dir):
+    module = PrunableCausalLM(tiny_dir)
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.25, multiple_of=512)], tmp_path)
+    with pytest.raises(ValueError, match=r"`multiple_of` must be an integer in \[1, d_ff=256\]; got 512"):
+        trainer.fit(module, datamodule=_datamodule())
+
+
+def test_tokenizer_without_pad_token_is_handled(tmp_path):
+    model, tokenizer = make_tiny_model()
+    tokenizer.pad_token = None
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    module = PrunableCausalLM(str(tmp_path / "m"))
+    assert module.tokenizer.pad_token == module.tokenizer.eos_token
+
+
+def test_lora_bad_inputs(tiny_dir):
+    with pytest.raises(ValueError, match=r"`lora.r` \(rank\) must be a positive integer; got 0"):
+        LoraSettings(r=0)
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(target_modules=["q_proj", "c_attn"]))
+    with pytest.raises(ValueError, match=r"\['c_attn'\] match no nn.Linear.*'down_proj'.*'q_proj'"):
+        module.configure_model()
+
+
+def test_cli_fit_exports_a_plain_checkpoint_with_identical_logits(tmp_path, tiny_dir):
+    export = tmp_path / "export"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={tiny_dir}",
+                    f"--model.export_dir={export}", f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.enable_progress_bar=false", f"--data.target={GSM8K}",
+                    f"--data.distractors=[{SQUAD}, {DIALOG}]", f"--data.finetune={GSM8K}"])
+    reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
+    merged = cli.model.model.eval()
+    assert not cli.model.is_lora_wrapped and reloaded.config.intermediate_size == 192
+    input_ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, merged(input_ids).logits, rtol=0, atol=0)
+    plan = PrunePlan.load(export)
+    card = json.loads((export / "lit_prune.json").read_text())
+    assert card["pruning"]["exact_ratio"] == plan.exact_ratio == 0.25
+    assert card["pruning"]["provenance"]["target_hash"] and card["versions"]["torch"]
+    assert not [p for p in export.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, tiny_dir, monkeypatch):
+    module = PrunableCausalLM(tiny_dir)
+    target = tmp_path / "out"
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module.tokenizer, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        module.export(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_recovery_loss_goes_down(tmp_path, tiny_dir, equal_length_data):
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=8, alpha=16, dropout=0.0), learning_rate=1e-2)
+    recorder = LossRecorder()
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.25, multiple_of=32), recorder],
+                       tmp_path, max_steps=24)
+    trainer.fit(module, datamodule=_datamodule(finetune=equal_length_data, finetune_samples=None, val_samples=0))
+    first, last = sum(recorder.losses[:4]) / 4, sum(recorder.losses[-4:]) / 4
+    assert last < first - 0.4, recorder.losses  # measured: 5.61 -> 4.99 over 24 steps
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_recovery_runs_on_cpu(tmp_path, tiny_dir, equal_length_data, precision):
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.25, multiple_of=32)], tmp_path,
+                       precision=precision)
+    trainer.fit(module, datamodule=_datamodule(finetune=equal_length_data, finetune_samples=None, val_samples=0))
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert next(p for n, p in module.named_parameters() if "lora_A" in n).dtype == expected
+
+
+def _resume_run(tmp_path, tiny_dir, data, max_steps, ckpt_path=None, ratio=0.25):
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), learning_rate=5e-3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    capture = ActivationCaptureCallback()
+    trainer = _trainer([capture, SelectivityPruneCallback(ratio, multiple_of=32), checkpoint], tmp_path,
+                       max_steps=max_steps, enable_checkpointing=True)
+    if ckpt_path:
+        trainer.ckpt_path = ckpt_path
+    L.seed_everything(0)
+    trainer.fit(module, datamodule=_datamodule(finetune=data, finetune_samples=None, val_samples=0, batch_size=8))
+    return module, capture, trainer
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_dir, equal_length_data):
+    # 32 rows / batch 8 = 4 steps per epoch; interrupt at the epoch boundary after step 4, go on to 8.
+    full, _, _ = _resume_run(tmp_path / "full", tiny_dir, equal_length_data, max_steps=8)
+    _, _, first = _resume_run(tmp_path / "part", tiny_dir, equal_length_data, max_steps=4)
+    last = tmp_path / "part" / "ckpt" / "last.ckpt"
+    resumed, capture, trainer = _resume_run(tmp_path / "resumed", tiny_dir, equal_length_data, max_steps=8,
+                                            ckpt_path=str(last))
+    assert capture.stats is None  # the plan came from the checkpoint: no capture again
+    assert trainer.global_step == 8
+    assert resumed.prune_plan.kept_indices == full.prune_plan.kept_indices
+    expected, got = _adapters(full), _adapters(resumed)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_a_different_plan_names_both(tmp_path, tiny_dir, equal_length_data):
+    _resume_run(tmp_path / "part", tiny_dir, equal_length_data, max_steps=1)
+    last = tmp_path / "part" / "ckpt" / "last.ckpt"
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.5, multiple_of=32)], tmp_path,
+                       max_steps=2)
+    with pytest.raises(ValueError, match=r"ratio 0.25, kept width 192 of 256.*ratio 0.5 kept width 128"):
+        trainer.fit(module, datamodule=_datamodule(finetune=equal_length_data, val_samples=0), ckpt_path=last)
+
+
+class SGDRecovery(PrunableCausalLM):
+    """Plain SGD for the DDP comparison: Adam's first steps are ~lr * sign(grad), which turns float noise
+    in near-zero gradients (the all-reduce sums in another order) into +-lr differences."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
+
+
+def _ddp_run(tmp_path, tiny_dir, data, devices, batch_size):
+    stats_path, plan_path = tmp_path / "stats.pt", tmp_path / "plan.json"
+    module = SGDRecovery(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), learning_rate=0.5,
+                              export_dir=str(tmp_path / "export"), merge_on_export=False)
+    trainer = _trainer(
+        [ActivationCaptureCallback(batch_size=3, stats_path=str(stats_path), progress=False),
+         SelectivityPruneCallback(0.25, multiple_of=32, plan_path=str(plan_path))],
+        tmp_path, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=3)
+    L.seed_everything(0)  # LoRA's A matrices are random; spawned ranks re-seed from PL_GLOBAL_SEED
+    # seed 0: the one-process EpochShuffleSampler draws the permutation Lightning's DistributedSampler draws.
+    trainer.fit(module, datamodule=_datamodule(finetune=data, finetune_samples=None, val_samples=0,
+                                               batch_size=batch_size, seed=0))
+    adapters = {}
+    from safetensors.torch import load_file
+
+    for name, tensor in load_file(tmp_path / "export" / "adapter_model.safetensors").items():
+        adapters[name] = tensor
+    return NeuronStats.load(stats_path), PrunePlan.load(plan_path), adapters
+
+
+@pytest.mark.slow
+def test_ddp_spawn_matches_one_process(tmp_path, tiny_dir, equal_length_data):
+    one_stats, one_plan, one_adapters = _ddp_run(tmp_path / "one", tiny_dir, equal_length_data, 1, 4)
+    two_stats, two_plan, two_adapters = _ddp_run(tmp_path / "two", tiny_dir, equal_length_data, 2, 2)
+    assert int(two_stats.target_count) == int(one_stats.target_count) == 12
+    for a, b in zip(one_stats.tensors(), two_stats.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (selectivity(one_stats) - selectivity(two_stats)).abs().max() < 1e-4
+    assert one_plan.kept_indices == two_plan.kept_indices
+    # Same global batch (rank r takes rows r::2 of the permutation) and equal token counts per row, so the
+    # mean of the per-rank mean losses equals the one-process mean and the adapter updates agree.
+    assert one_adapters.keys() == two_adapters.keys()
+    for name in one_adapters:
+        torch.testing.assert_close(two_adapters[name], one_adapters[name], rtol=1e-4, atol=1e-5)
+
+
+def test_every_config_parses():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        subcommand = "fit"
+        first_line = config.read_text().splitlines()[1] if config.read_text().startswith("#") else ""
+        for candidate in ("validate", "test", "predict"):
+            if f"lit_prune {candidate}" in first_line:
+                subcommand = candidate
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([subcommand, "--config", str(config), "--print_config"])
+        assert exit_info.value.code in (0, None), config.name
