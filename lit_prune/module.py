@@ -154,7 +154,10 @@ class PrunableCausalLM(L.LightningModule):
         else:
             self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.prune_plan: PrunePlan | None = None
+        # A checkpoint exported after pruning carries its plan: recovery-only runs keep that provenance,
+        # and the prune callback sees the model is already pruned.
+        plan_file = Path(model_name_or_path) / PLAN_FILENAME
+        self.prune_plan: PrunePlan | None = PrunePlan.load(plan_file) if plan_file.is_file() else None
         self.exported_to: Path | None = None
 
     # ------------------------------------------------------------------ model surgery

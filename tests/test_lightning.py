@@ -307,3 +307,20 @@ def test_every_config_parses():
         with pytest.raises(SystemExit) as exit_info:
             cli_main([subcommand, "--config", str(config), "--print_config"])
         assert exit_info.value.code in (0, None), config.name
+
+
+def test_prune_only_then_recovery_only(tmp_path, tiny_dir):
+    common = [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+              f"--data.target={GSM8K}", f"--data.distractors=[{SQUAD}, {DIALOG}]"]
+    pruned = tmp_path / "pruned"
+    cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--config",
+              str(ROOT / "configs" / "prune-only-tiny.yaml"), f"--model.model_name_or_path={tiny_dir}",
+              f"--model.export_dir={pruned}", *common])
+    assert AutoModelForCausalLM.from_pretrained(pruned).config.intermediate_size == 192
+    recovered = tmp_path / "recovered"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={pruned}",
+                    "--trainer.callbacks=null", f"--model.export_dir={recovered}", f"--data.finetune={GSM8K}",
+                    *common])
+    assert cli.trainer.global_step == 4
+    card = json.loads((recovered / "lit_prune.json").read_text())
+    assert card["pruning"]["kept_width"] == 192 and card["lora"]["r"] == 4  # the plan's provenance survives

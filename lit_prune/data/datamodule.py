@@ -196,9 +196,11 @@ class PruneDataModule(L.LightningDataModule):
                           collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | list:
         if not self.finetune:
-            raise ValueError("no fine-tune data: set `data.finetune` to a source, or run without recovery")
+            # Prune-only runs (`data.finetune: null`, `trainer.max_steps: 0`): nothing to train on.
+            log.info("no fine-tune source: fit prunes and exports without recovery")
+            return []
         if self._train is None:
             self._build_finetune()
         return self._loader(self._train, shuffle=self.shuffle)

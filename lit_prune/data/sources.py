@@ -103,10 +103,22 @@ def _squad_prompt(context: str, question: str) -> str:
 
 
 def _conversation(record: dict) -> Example:
-    # The data set stores one exchange per row; keep the user side as prompt and the reply as response.
-    text = record.get("text") or record.get("conversation") or ""
-    parts = [p.strip() for p in re.split(r"\n+", text) if p.strip()]
-    return Example(parts[0] if parts else text, parts[1] if len(parts) > 1 else None, "dialogue")
+    """A dialogue row: a list of turns (``conversations``/``messages`` with from/value or role/content),
+    a prompt/response pair under common names, or one text with one turn a line."""
+    turns = record.get("conversations") or record.get("messages")
+    if isinstance(turns, list) and turns:
+        texts = [t.get("value") or t.get("content") or "" for t in turns if isinstance(t, dict)]
+    else:
+        for prompt_key, response_key in (("input", "output"), ("question", "answer"), ("prompt", "response")):
+            if record.get(prompt_key):
+                return Example(str(record[prompt_key]), record.get(response_key), "dialogue")
+        text = str(record.get("text") or record.get("conversation") or "")
+        texts = [p.strip() for p in re.split(r"\n+", text) if p.strip()]
+    if not texts:
+        raise ValueError(f"dialogue record has no turns; keys {sorted(record)}")
+    if len(texts) == 1:
+        return Example(texts[0], None, "dialogue")
+    return Example("\n".join(texts[:-1][-4:]), texts[-1], "dialogue")
 
 
 # name -> (hub path, hub config, default split, record converter, row filter)
