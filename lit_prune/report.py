@@ -1,0 +1,86 @@
+"""Reports: rich tables on the console, JSON and JSONL files, and comparison rows for several models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["METRIC_COLUMNS", "comparison_table", "print_comparison", "write_json", "write_jsonl"]
+
+log = logging.getLogger(__name__)
+
+# (key, header, format) of the numbers a person compares between models.
+METRIC_COLUMNS = (
+    ("exact_match", "GSM8K EM", "{:.1%}"),
+    ("pass_at_1", "HumanEval pass@1", "{:.1%}"),
+    ("trap_type1", "Trap T1", "{:.1%}"),
+    ("trap_type2", "Trap T2", "{:.1%}"),
+    ("trap_total", "Traps", "{:.1%}"),
+    ("sss", "Distractor sim.", "{:.3f}"),
+    ("parameters", "Params", "{:,}"),
+    ("mlp_width", "d_ff", "{}"),
+    ("peak_memory_mb", "Peak mem (MB)", "{:.0f}"),
+    ("decode_tokens_per_s", "Tokens/s", "{:.1f}"),
+)
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(data, handle, indent=1, default=str)
+    os.replace(handle.name, path)
+    return path
+
+
+def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write one JSON object a line, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, default=str) + "\n")
+    os.replace(handle.name, path)
+    return path
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def comparison_table(results: Sequence[dict], title: str = "lit_prune evaluation") -> Table:
+    """One row per model (``result["label"]``), one column per metric any of them has."""
+    columns = [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for r in results)]
+    table = Table(title=title)
+    table.add_column("Model", style="bold")
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    for result in results:
+        table.add_row(str(result.get("label", "?")), *(_cell(result.get(key), fmt) for key, _, fmt in columns))
+    return table
+
+
+def print_comparison(results: Sequence[dict], title: str = "lit_prune evaluation", console: Console | None = None) -> str:
+    """Print the comparison table and return it as plain text (for READMEs and logs)."""
+    table = comparison_table(results, title)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+            console = Console(width=200)
+    console.print(table)
+    plain = Console(width=160, record=True, file=open(os.devnull, "w"))
+    plain.print(table)
+    return plain.export_text()

@@ -1,0 +1,62 @@
+"""``trainer.test``: generation, metrics and reports on the tiny model, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lit_prune.cli import cli_main
+from lit_prune.data import PruneDataModule
+from lit_prune.evaluation import EvalSettings
+from lit_prune.tiny import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _args(tmp_path, model, *extra):
+    return ["test", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+            f"--model.evaluation.output_dir={tmp_path / 'eval'}", "--data.eval_samples=3",
+            f"--data.target={SHARED / 'gsm8k' / 'train.jsonl'}",
+            f"--data.distractors=[{SHARED / 'squad' / 'small-v2.json'}, {SHARED / 'dailydialog' / 'validation.txt'}]",
+            f"--data.eval_math={SHARED / 'gsm8k' / 'test.jsonl'}",
+            f"--data.eval_qna={SHARED / 'squad' / 'small-v2.json'}",
+            f"--data.eval_dialogue={SHARED / 'dailydialog' / 'test.txt'}", *extra]
+
+
+def test_dense_then_pruned_evaluation_writes_reports(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    dense = cli_main(_args(tmp_path, model, "--trainer.callbacks=null", "--model.evaluation.label=dense"))
+    dense_json = json.loads((tmp_path / "eval" / "dense.json").read_text())
+    assert dense_json["label"] == "dense" and dense_json["sss"] is None  # the reference model itself
+    assert dense_json["parameters"] > 0 and dense_json["mlp_width"] == 256
+    assert 0.0 <= dense_json["exact_match"] <= 1.0 and 0.0 <= dense_json["pass_at_1"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "eval" / "dense.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in records} == {"math", "code", "qna", "dialogue"} and len(records) == 12
+    math = [r for r in records if r["task"] == "math"]
+    assert all({"reference", "extracted", "correct", "trap"} <= r.keys() for r in math)
+    assert (tmp_path / "reference_outputs.json").is_file()  # the dense outputs are the pruned models' reference
+    assert dense.model.test_results["decode_tokens_per_s"] > 0
+
+    cli_main(_args(tmp_path, model, "--model.evaluation.label=pruned"))
+    pruned_json = json.loads((tmp_path / "eval" / "pruned.json").read_text())
+    assert pruned_json["mlp_width"] == 192 and pruned_json["plan"]["exact_ratio"] == 0.25
+    assert pruned_json["parameters"] < dense_json["parameters"]
+    assert -1.0 <= pruned_json["bertscore_qna"] <= 1.0 and -1.0 <= pruned_json["sbert_dialog"] <= 1.0
+    assert pruned_json["sss"] == pytest.approx((pruned_json["bertscore_qna"] + pruned_json["sbert_dialog"]) / 2)
+
+
+def test_eval_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="`evaluation.max_new_tokens_math` must be >= 1; got 0"):
+        EvalSettings(max_new_tokens_math=0)
+    with pytest.raises(ValueError, match="no evaluation data"):
+        PruneDataModule(target="x").eval_batches()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        PruneDataModule(target="x", eval_math=str(bad)).eval_batches()
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        PruneDataModule(target="x", eval_math=str(tmp_path / "missing.jsonl")).eval_batches()
