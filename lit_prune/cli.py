@@ -1,4 +1,4 @@
-"""``python -m lit_prune fit|validate|test|predict --config configs/x.yaml``: a LightningCLI."""
+"""``python -m lit_prune fit|validate|test|predict|demo|sweep --config configs/x.yaml``: a LightningCLI."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 from lit_prune.data.datamodule import PruneDataModule
+from lit_prune.experiments import LitPruneTrainer
 from lit_prune.module import PrunableCausalLM
 
 __all__ = ["LitPruneCLI", "cli_main"]
@@ -23,7 +24,16 @@ class LitPruneCLI(LightningCLI):
     ``fit --ckpt_path X`` sets ``trainer.ckpt_path`` before fitting: Lightning tells callbacks about the
     checkpoint during ``setup`` only that way, and the pruning callbacks need it to replay the stored
     plan instead of capturing again.
+
+    Besides Lightning's subcommands it has ``demo`` and ``sweep`` (methods of :class:`LitPruneTrainer`).
     """
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands.update(demo={"model", "datamodule"}, sweep={"model", "datamodule"})
+        return commands
 
     @override
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
@@ -43,6 +53,7 @@ def cli_main(args: list[str] | dict | None = None, run: bool = True) -> LitPrune
     return LitPruneCLI(
         PrunableCausalLM,
         PruneDataModule,
+        trainer_class=LitPruneTrainer,
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},

@@ -146,6 +146,9 @@ class PrunableCausalLM(L.LightningModule):
             raise ValueError(f"`learning_rate` must be > 0; got {learning_rate}")
         if weight_decay < 0 or warmup_steps < 0:
             raise ValueError(f"`weight_decay` and `warmup_steps` must be >= 0; got {weight_decay}, {warmup_steps}")
+        # Saved hyper-parameters (and LightningCLI's) may hold the settings as plain dicts.
+        lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        evaluation = EvalSettings(**evaluation) if isinstance(evaluation, dict) else evaluation
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
         self.lora = lora
@@ -360,6 +363,7 @@ class PrunableCausalLM(L.LightningModule):
         model = self.model.get_base_model() if self.is_lora_wrapped else self.model
         results.update(label=self.label, model=self.model_name_or_path, parameters=count_parameters(model),
                        mlp_width=int(model.config.intermediate_size), peak_memory_mb=self._memory.peak_bytes / 2**20,
+                       weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                        peak_memory_method=self._memory.method, examples=len(records),
                        plan=None if self.prune_plan is None else {
                            "mode": self.prune_plan.mode, "ratio": self.prune_plan.ratio,

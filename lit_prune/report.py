@@ -26,6 +26,7 @@ METRIC_COLUMNS = (
     ("sss", "Distractor sim.", "{:.3f}"),
     ("parameters", "Params", "{:,}"),
     ("mlp_width", "d_ff", "{}"),
+    ("weights_mb", "Weights (MB)", "{:.1f}"),
     ("peak_memory_mb", "Peak mem (MB)", "{:.0f}"),
     ("decode_tokens_per_s", "Tokens/s", "{:.1f}"),
 )

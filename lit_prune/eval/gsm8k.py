@@ -337,7 +337,8 @@ class GSM8KExactMatch(Metric):
         """
         if len(generations) != len(references):
             raise ValueError(
-                f"`generations` and `references` must have the same length; got {len(generations)} and {len(references)}"
+                "`generations` and `references` must have the same length; "
+                f"got {len(generations)} and {len(references)}"
             )
         hits = sum(is_exact_match(generation, reference) for generation, reference in zip(generations, references))
         self.correct += hits
