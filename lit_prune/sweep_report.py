@@ -126,6 +126,7 @@ def _figures(summary: dict, out: Path) -> dict[str, str]:
         ax.bar([i + width / 2 for i in index], counts["distractor"], width, label="distractor-selective (S < 0)")
         ax.plot(index, counts["target_strong"], "k^--", label="S > 0.5")
         ax.plot(index, counts["distractor_strong"], "kv:", label="S < -0.5")
+        ax.set_xticks(index)
 
     figures["fig6"] = _figure(out / "fig6_layerwise_selectivity.png", "Layer-wise selective neurons", "layer",
                               "neurons", layers)

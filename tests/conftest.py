@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Before anything imports huggingface_hub, which reads these once: tests never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lit_prune.tokenizer import build_tokenizer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from lit_prune.tokenizer import build_tokenizer  # noqa: E402
 
 _CORPUS = [
     "Tom has 12 apples and buys 7 more. How many apples does Tom have? 12 + 7 = 19. \\boxed{19}",
