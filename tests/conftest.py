@@ -32,41 +32,20 @@ def tiny_tokenizer():
     return build_tokenizer(_CORPUS, vocab_size=TINY_VOCAB)
 
 
-def make_tiny_qwen2(seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
-    return model.eval()
+_TINY = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256, pad_token_id=0, eos_token_id=2)
 
 
-def make_tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides) -> LlamaForCausalLM:
+def make_tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        mlp_bias=True,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    config = Qwen2Config(**{**_TINY, "num_key_value_heads": 2, "tie_word_embeddings": False, **overrides})
+    return Qwen2ForCausalLM(config).eval()
+
+
+def make_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """Llama with biases in the MLP, so slicing is tested with biases too."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**_TINY, "num_key_value_heads": 4, "mlp_bias": True, **overrides})).eval()
 
 
 @pytest.fixture

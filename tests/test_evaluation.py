@@ -56,7 +56,35 @@ def test_eval_bad_inputs(tmp_path):
         PruneDataModule(target="x").eval_batches()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not valid JSON"):
         PruneDataModule(target="x", eval_math=str(bad)).eval_batches()
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         PruneDataModule(target="x", eval_math=str(tmp_path / "missing.jsonl")).eval_batches()
+
+
+def _test_on(devices: int, tmp_path: Path, model: Path) -> dict:
+    import lightning as L
+
+    from lit_prune.module import PrunableCausalLM
+
+    settings = EvalSettings(max_new_tokens_math=12, max_new_tokens_distractor=8, batch_size=2,
+                            throughput_new_tokens=4, output_dir=str(tmp_path / f"eval{devices}"), label="dense")
+    module = PrunableCausalLM(str(model), evaluation=settings)
+    data = PruneDataModule(target="x", eval_math=str(SHARED / "gsm8k" / "test.jsonl"), eval_samples=6,
+                           eval_batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False)
+    trainer.test(module, datamodule=data, verbose=False)
+    return json.loads((tmp_path / f"eval{devices}" / "dense.json").read_text())
+
+
+@pytest.mark.slow
+def test_metrics_sync_across_ddp_ranks(tmp_path):
+    """Three batches over two ranks (2 + 1): the synced metrics and gathered records equal one process's."""
+    model = save_tiny_model(tmp_path / "model")
+    one, two = _test_on(1, tmp_path, model), _test_on(2, tmp_path, model)
+    assert one["examples"] == two["examples"] == 6
+    for key in ("exact_match", "trap_type1", "trap_type2", "trap_total"):
+        assert one[key] == two[key], key
+    records = {r["id"]: r["output"] for r in map(json.loads, (tmp_path / "eval2" / "dense.jsonl").read_text().splitlines())}
+    assert len(records) == 6

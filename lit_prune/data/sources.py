@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_prune.jsonl import iter_jsonl
+
 __all__ = ["KINDS", "PRESETS", "Example", "gsm8k_response", "load_examples"]
 
 log = logging.getLogger(__name__)
@@ -140,26 +142,17 @@ _JSONL_FORMATS = (
 
 def _read_jsonl(path: Path) -> list[Example]:
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for keys, convert in _JSONL_FORMATS:
-                if all(k in record for k in keys):
-                    examples.append(convert(record))
-                    break
-            else:
-                raise ValueError(
-                    f"{path}:{line_number}: unknown record with keys {sorted(record)}; expected GSM8K "
-                    "(question, answer), MBPP (text, code), HumanEval (prompt, canonical_solution) or "
-                    "(prompt[, response])"
-                )
+    for line_number, record in iter_jsonl(path):
+        for keys, convert in _JSONL_FORMATS:
+            if all(k in record for k in keys):
+                examples.append(convert(record))
+                break
+        else:
+            raise ValueError(
+                f"{path}: line {line_number} is an unknown record with keys {sorted(record)}; expected GSM8K "
+                "(question, answer), MBPP (text, code), HumanEval (prompt, canonical_solution) or "
+                "(prompt[, response])"
+            )
     return examples
 
 

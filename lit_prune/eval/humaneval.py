@@ -14,7 +14,6 @@ run untrusted model code on a machine you can lose.
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import logging
 import os
@@ -35,6 +34,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from lit_prune.jsonl import iter_jsonl
+
 __all__ = [
     "HUMANEVAL_INSTRUCTION",
     "HumanEvalPassAtOne",
@@ -43,6 +44,7 @@ __all__ = [
     "run_tests",
     "sanitize_completion",
 ]
+
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +102,12 @@ def load_humaneval(path: str | Path | None = None) -> list[dict[str, Any]]:
     file = default_humaneval_path() if path is None else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"HumanEval file not found: `path`={str(file)!r}")
-    opener = gzip.open if file.name.endswith(".gz") else open
     problems: list[dict[str, Any]] = []
-    with opener(file, "rt", encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                problem = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}: line {line_number} is not valid JSON ({error.msg})") from error
-            if not isinstance(problem, dict):
-                raise ValueError(f"{file}: line {line_number} must be a JSON object; got {type(problem).__name__}")
-            missing = [key for key in _REQUIRED_KEYS if key not in problem]
-            if missing:
-                raise ValueError(f"{file}: line {line_number} lacks required keys {missing}; it has {sorted(problem)}")
-            problems.append(problem)
+    for line_number, problem in iter_jsonl(file):
+        missing = [key for key in _REQUIRED_KEYS if key not in problem]
+        if missing:
+            raise ValueError(f"{file}: line {line_number} lacks required keys {missing}; it has {sorted(problem)}")
+        problems.append(problem)
     if not problems:
         raise ValueError(f"{file}: holds no problem")
     return problems
