@@ -24,17 +24,16 @@ log = logging.getLogger(__name__)
 def tokenize_supervised(tokenizer, example: Example, max_length: int) -> dict[str, list[int]] | None:
     """Token ids of prompt + response + EOS, with labels only on the response (``-100`` on the prompt).
 
-    Returns None when the example has no response or nothing of the response fits into ``max_length``.
+    Returns None when the example has no response or is longer than ``max_length`` tokens: a cut response
+    would teach the model to stop mid-answer (the paper keeps CodeFeedback samples within 1k tokens).
     """
     if not example.response:
         return None
     prompt_ids = tokenizer(format_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
-    if all(label == -100 for label in labels):
+    if len(prompt_ids) + len(response_ids) > max_length:
         return None
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
 
 
 class SupervisedCollator:
@@ -259,6 +258,9 @@ class PruneDataModule(L.LightningDataModule):
     def _build_finetune(self) -> None:
         examples = [e for s in self.finetune for e in load_examples(s, limit=self.finetune_samples, seed=self.seed)]
         rows = [row for e in examples if (row := tokenize_supervised(self.tokenizer, e, self.max_length))]
+        if len(rows) < len(examples):
+            log.info("fine-tune set: dropped %d of %d examples (no response, or longer than %d tokens)",
+                     len(examples) - len(rows), len(examples), self.max_length)
         if len(rows) <= self.val_samples:
             raise ValueError(f"fine-tune sources {self.finetune} gave {len(rows)} usable examples; need more than "
                              f"`val_samples`={self.val_samples}")
