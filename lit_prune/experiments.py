@@ -127,7 +127,8 @@ class LitPruneTrainer(L.Trainer):
             aggregations: Activation aggregations to compare for ``selective`` (``prompt`` is the paper's;
                 ``token`` is ours): every extra one adds a ``selective/token`` row.
             recovery_steps: LoRA steps per recovered variant.
-            report_dir: Output folder (default: ``<trainer.default_root_dir>/sweep``).
+            report_dir: Folder of the report, ``sweep.json`` and figures (default: ``<trainer.default_root_dir>/sweep``,
+                which always holds the statistics, reference outputs and per-variant evaluations).
 
         Returns:
             Everything the report shows (also written as ``sweep.json``).
@@ -150,18 +151,19 @@ class LitPruneTrainer(L.Trainer):
             raise ValueError(f"`recovery_steps` must be >= 1; got {recovery_steps}")
         prune = self._callback(SelectivityPruneCallback)
         multiple_of = prune.multiple_of if prune else 128
-        out = Path(report_dir or Path(self.default_root_dir) / "sweep")
+        work = Path(self.default_root_dir) / "sweep"  # statistics, reference outputs, per-variant evaluations
+        out = Path(report_dir) if report_dir else work  # report.md, sweep.json and the figures
         started = time.perf_counter()
         accepted = inspect.signature(PrunableCausalLM.__init__).parameters
         hparams = {k: v for k, v in model.hparams.items() if k in accepted}  # LightningCLI adds `_instantiator`
 
         def fresh(label: str) -> PrunableCausalLM:
             variant = PrunableCausalLM(**{**hparams, "export_dir": None})
-            variant.suite.settings = dataclasses.replace(model.suite.settings, label=label, output_dir=str(out / "eval"),
-                                                  reference_outputs=str(out / "reference_outputs.json"))
+            variant.suite.settings = dataclasses.replace(model.suite.settings, label=label, output_dir=str(work / "eval"),
+                                                         reference_outputs=str(work / "reference_outputs.json"))
             return variant
 
-        stats = self._sweep_statistics(model, datamodule, aggregations, out)
+        stats = self._sweep_statistics(model, datamodule, aggregations, work)
         for ratio in ratios:  # fail before any evaluation if a ratio cannot be sliced
             kept_width(stats["prompt"].width, ratio, multiple_of)
 

@@ -40,7 +40,7 @@ def test_sweep_report_is_consistent_with_the_planner(tmp_path):
     assert "| 25% | 192 | 25.00% |" in report and "| 50% | 128 | 50.00% |" in report
     for figure in ("fig1_relative_accuracy_loss", "fig3_selective_vs_random", "fig6_layerwise_selectivity"):
         assert (out / f"{figure}.png").stat().st_size > 1000 and f"{figure}.png" in report
-    assert (out / "stats-prompt.pt").is_file()  # a second sweep re-slices without capturing
+    assert (tmp_path / "sweep" / "stats-prompt.pt").is_file()  # a second sweep re-slices without capturing
 
 
 def test_sweep_rejects_bad_arguments(tmp_path):
