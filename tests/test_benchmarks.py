@@ -1,0 +1,138 @@
+"""Smoke tests of the benchmark scripts in ``benchmarks/``: smallest settings, JSON keys and sane values.
+
+No assertion on wall-clock time (house style, rule 16): the numbers only have to exist, be finite and
+agree with the shapes they were measured on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_prune.pruning import kept_width
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MACHINE_KEYS = {"date", "cpu_model", "physical_cores", "torch", "transformers", "torch_threads", "memory_gb"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The scripts fix the thread count and flush denormals; give the rest of the session its settings back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def _check_common(payload: dict, out: Path, name: str) -> None:
+    assert payload["benchmark"] == name
+    assert MACHINE_KEYS <= payload["machine"].keys()
+    assert payload["machine"]["torch_threads"] == 1
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_capture_overhead(tmp_path):
+    out = tmp_path / "capture.json"
+    payload = _load("capture_overhead").main([
+        "--layers", "1", "--vocab", "64", "--batches", "2", "--batch-size", "2", "--min-tokens", "3",
+        "--max-tokens", "6", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out),
+    ])
+    _check_common(payload, out, "capture_overhead")
+    assert set(payload["variants"]) == {"plain", "capture_prompt", "capture_token"}
+    for variant in payload["variants"].values():
+        for clock in ("wall", "cpu"):
+            assert len(variant[clock]["seconds"]) == 1
+            assert _finite_positive(variant[clock]["throughput_vs_plain"])
+    assert payload["variants"]["plain"]["wall"]["throughput_vs_plain"] == 1.0
+    assert payload["headline_clock"] == "cpu"  # one thread: CPU time stands for the idle-machine wall time
+    assert _finite_positive(payload["capture_over_plain"])
+    assert 0 < payload["variants"]["capture_prompt"]["hook_only_estimate"] <= 1
+    settings = payload["settings"]
+    assert (settings["num_layers"], settings["intermediate_size"], settings["hidden_size"]) == (1, 4864, 896)
+    assert payload["stats_bytes"] == 3 * 1 * 4864 * 8 + 2 * 8  # three float64 (L, d_ff) sums and two counters
+
+
+def test_stats_memory(tmp_path):
+    out = tmp_path / "memory.json"
+    payload = _load("stats_memory").main([
+        "--model", "0.5b", "--layers", "1", "--vocab", "64", "--prompts", "2,4", "--tokens", "4",
+        "--batch-size", "2", "--modes", "capture", "--no-logits-check", "--threads", "1", "--out", str(out),
+    ])
+    _check_common(payload, out, "stats_memory")
+    rows = {row["prompts"]: row for row in payload["per_prompts"]}
+    assert set(rows) == {2, 4}
+    assert rows[2]["stats_bytes"] == rows[4]["stats_bytes"] == 3 * 4864 * 8 + 16  # independent of N
+    assert all(row["capture_growth_bytes"] >= 0 for row in rows.values())
+    assert all(run["samples_counted"] == run["prompts"] for run in payload["runs"])
+    paper = {row["model"]: row for row in payload["paper_comparison"]}
+    assert paper["Qwen2.5-7b"]["paper_bytes"] == 3200 * 28 * 18944 * 4
+    assert paper["Qwen2.5-1.5b"]["ours_stats_bytes"] == 3 * 28 * 8960 * 8 + 16
+    assert 500 < paper["Qwen2.5-1.5b"]["paper_over_ours_stats"] < 540  # N * 4 bytes / (3 * 8 bytes)
+    assert payload["logits_check"] == []
+
+
+def test_pruned_speed(tmp_path):
+    out = tmp_path / "speed.json"
+    payload = _load("pruned_speed").main([
+        "--layers", "1", "--vocab", "512", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+        "--prefill-batch", "1", "--prefill-len", "8", "--prefill-repeats", "1", "--threads", "1", "--out", str(out),
+    ])
+    _check_common(payload, out, "pruned_speed")
+    models = payload["models"]
+    assert list(models) == ["dense", "pruned_10", "pruned_20", "pruned_35"]
+    for ratio, name in ((0.1, "pruned_10"), (0.2, "pruned_20"), (0.35, "pruned_35")):
+        assert models[name]["kept_width"] == kept_width(4864, ratio, 128)
+    limits = [models[n]["decode_limit"] for n in models]
+    assert limits[0] == 1.0 and limits == sorted(limits)  # more pruning, fewer bytes per token
+    # Dense bytes per token: one layer's attention and MLP linears (with the q/k/v biases) and the 512 x 896 head.
+    attention = 896 * 896 * 2 + 896 * 128 * 2 + 896 + 128 * 2
+    assert models["dense"]["weight_bytes_per_token"] == 4 * (attention + 3 * 896 * 4864 + 512 * 896)
+    for entry in models.values():
+        for kind in ("generate", "loop", "prefill"):
+            for clock in ("wall", "cpu"):
+                assert _finite_positive(entry[kind][clock]["median_tokens_per_s"])
+                assert _finite_positive(entry[kind][clock]["speedup_over_limit"])
+    assert models["dense"]["generate"]["cpu"]["speedup"] == 1.0
+    assert set(payload["decode_speedup_over_limit"]) == {"pruned_10", "pruned_20", "pruned_35"}
+
+
+def test_pipeline(tmp_path):
+    out = tmp_path / "pipeline.json"
+    pipeline = _load("pipeline")
+    payload = pipeline.main([
+        "--threads", "1", "--evaluate", "never", "--out", str(out), "--",
+        "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+    ])
+    _check_common(payload, out, "pipeline")
+    phases = payload["phases_s"]
+    assert set(phases) == set(pipeline.PHASES)
+    assert phases["evaluate"] is None
+    for name in ("load", "capture", "select", "slice", "lora_wrap", "lora_train", "export"):
+        assert phases[name] is not None and phases[name] >= 0
+    assert phases["capture"] > 0 and phases["export"] > 0
+    run = payload["runs"][0]
+    assert run["global_step"] == 1 and run["exported"]
+    assert run["plan"]["kept_width"] == 192  # configs/tiny.yaml: 25% of d_ff 256, multiple_of 32
+
+
+def test_pipeline_sends_outputs_to_workdir(tmp_path):
+    overrides = _load("pipeline").output_overrides(BENCHMARKS.parent / "configs" / "tiny.yaml", tmp_path)
+    pairs = dict(zip(overrides[::2], overrides[1::2]))
+    assert pairs["--trainer.default_root_dir"] == str(tmp_path)
+    assert pairs["--model.export_dir"] == str(tmp_path / "export")
