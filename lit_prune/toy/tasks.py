@@ -105,6 +105,7 @@ _FACTS = {
 _FACT_VALUES = {"city": _CITIES, "colour": _COLOURS, "thing": _THINGS, "job": _JOBS}
 
 _QNA_INSTRUCTION = "Answer the question from the passage."
+_MAX_VALUE = 9  # largest number in a math problem, intermediate results included
 _DAILYDIALOG_SPLITS = ("validation.txt", "test.txt")
 
 
@@ -149,28 +150,32 @@ def make_math_problem(rng: random.Random) -> MathProblem:
     sentences: list[str] = []
     steps: list[tuple[int, str, int, int]] = []
     opening = ""
+    # Every number and every intermediate result stays in 0..9: Qwen's tokenizer writes one token per digit,
+    # and a 4-layer model trained for minutes on CPU learns single-digit facts but not carries (18% held-out
+    # exact match with numbers up to 50 after 1,500 steps).
     if rng.random() < 0.2:  # groups: a containers of b objects
-        a, b = rng.randint(2, 9), rng.randint(2, 12)
+        a = rng.randint(2, 4)
+        b = rng.randint(2, _MAX_VALUE // a)
         sentences.append(rng.choice(_START_GROUPS).format(a=a, b=b, c=rng.choice(_CONTAINERS), **fields))
         value = a * b
         steps.append((a, "*", b, value))
         num_ops -= 1
     else:
-        value = rng.randint(2, 60)
+        value = rng.randint(2, _MAX_VALUE)
         sentences.append(rng.choice(_START).format(a=value, **fields))
         opening = f"{name} starts with {value} {objects}. "
     for _ in range(num_ops):
-        op = rng.choices(["add", "sub", "mul"], weights=[4, 4, 1 if value <= 30 else 0])[0]
-        if op == "sub" and value < 2:
-            op = "add"
+        choices = [op for op, allowed in (("add", value < _MAX_VALUE), ("sub", value >= 1),
+                                          ("mul", 2 <= value <= _MAX_VALUE // 2)) if allowed]
+        op = rng.choices(choices, weights=[{"add": 4, "sub": 4, "mul": 1}[c] for c in choices])[0]
         if op == "add":
-            b = rng.randint(1, 50)
+            b = rng.randint(1, _MAX_VALUE - value)
             result = value + b
         elif op == "sub":
             b = rng.randint(1, value)
             result = value - b
         else:
-            b = rng.randint(2, 4)
+            b = rng.randint(2, _MAX_VALUE // value)
             result = value * b
         sentences.append(rng.choice({"add": _ADD, "sub": _SUB, "mul": _MUL}[op]).format(b=b, **fields))
         steps.append((value, _SYMBOLS[op], b, result))

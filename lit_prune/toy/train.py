@@ -69,6 +69,8 @@ DAILYDIALOG_TRAIN = Path("../shared/data/dailydialog/validation.txt")
 DAILYDIALOG_HELD_OUT = Path("../shared/data/dailydialog/test.txt")
 # Files of the run's data folder copied into the shipped model folder (generated, never shared data).
 SHIPPED_SETS = ("math_eval.jsonl", "math_capture.jsonl", "qna_eval.jsonl", "qna_capture.jsonl")
+# The demo's LoRA recovery set: the first problems of the training file (the toy's "GSM8K train").
+FINETUNE_SET, FINETUNE_SIZE = "math_finetune.jsonl", 2000
 EVAL_FILENAME = "toy_eval.json"
 
 
@@ -301,6 +303,8 @@ def package(run_dir: str | Path = DEFAULT_RUN_DIR, ship_dir: str | Path = DEFAUL
                 shutil.copy2(item, tmp / item.name)
         for name in SHIPPED_SETS:
             shutil.copy2(run_dir / "data" / name, tmp / name)
+        with (run_dir / "data" / "math_train.jsonl").open() as source:
+            (tmp / FINETUNE_SET).write_text("".join(line for _, line in zip(range(FINETUNE_SIZE), source)))
         card = json.loads((tmp / "lit_prune.json").read_text())
         card.update({"source_model": "trained from scratch by `python -m lit_prune.toy all`",
                      "method": "toy task-specific model (not pruned): arithmetic word problems (target), "
