@@ -18,6 +18,8 @@ from lit_prune.pruning import (
     selectivity,
     slice_model,
 )
+from lit_prune.pruning import stats as stats_module
+from lit_prune.pruning.stats import AGGREGATIONS
 
 # The paper's Table 2: nominal ratio -> exact ratio (%) for Qwen 7B (d_ff 18,944) and 1.5B (d_ff 8,960).
 TABLE_2 = {
@@ -159,6 +161,24 @@ def test_per_token_aggregation_counts_tokens(tiny_qwen2):
     with recorder.recording():
         recorder.observe(tiny_qwen2, input_ids, mask, "target")
     assert int(recorder.stats.target_count) == int(mask.sum())
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_capture_in_sequence_slices_equals_one_slice(tiny_qwen2, monkeypatch, aggregation):
+    def capture():
+        recorder = ActivationRecorder(tiny_qwen2, aggregation=aggregation)
+        with recorder.recording():
+            for group, seed in (("target", 0), ("distractor", 1)):
+                for input_ids, mask in _batches(seed, 2):
+                    recorder.observe(tiny_qwen2, input_ids, mask, group)
+        return recorder.finalize()
+
+    whole = capture()
+    # 3 prompts x width 256: a budget of 3 * 256 * 3 elements sums each layer's input in 3-token slices.
+    monkeypatch.setattr(stats_module, "HOOK_CHUNK_ELEMENTS", 3 * 256 * 3)
+    sliced = capture()
+    for expected, got in zip(whole.tensors(), sliced.tensors()):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_all_zero_mask_prompt_is_skipped_without_nan(tiny_qwen2):

@@ -29,12 +29,15 @@ from torch import nn
 
 from lit_prune.pruning.swiglu import find_swiglu_mlps
 
-__all__ = ["AGGREGATIONS", "GROUPS", "ActivationRecorder", "NeuronStats", "prompt_set_hash"]
+__all__ = ["AGGREGATIONS", "GROUPS", "HOOK_CHUNK_ELEMENTS", "ActivationRecorder", "NeuronStats", "prompt_set_hash"]
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("target", "distractor")
 AGGREGATIONS = ("prompt", "token")
+# Largest float32 copy of |h| a capture hook makes at once (64 MiB): longer batches are summed in slices of
+# the sequence. At Qwen2.5-7B shapes (d_ff 18,944), 8 x 512 tokens would otherwise copy 310 MB per layer.
+HOOK_CHUNK_ELEMENTS = 2**24
 _STATE_KEYS = ("target_count", "distractor_count", "target_sum", "distractor_sum", "sum_squares")
 
 
@@ -252,21 +255,37 @@ class ActivationRecorder:
                 return  # a forward outside observe(): not part of the capture
             h = args[0]
             mask = self._mask.to(device=h.device, dtype=torch.float32)
-            # (B, 1, T) @ (B, T, d_ff): masked sum over tokens in one batched matmul, float32 accumulation.
-            abs_h = h.detach().abs().float()
-            summed = torch.bmm(mask.unsqueeze(1), abs_h).squeeze(1)
             stats = self.stats
+            summed, squared = self._masked_sums(h.detach(), mask, squares=self.aggregation == "token")
             if self.aggregation == "prompt":
                 tokens = mask.sum(dim=1, keepdim=True)
                 samples = (summed / tokens).double()  # observe() never passes an empty prompt
                 sample_sum, sample_squares = samples.sum(0), (samples * samples).sum(0)
             else:
-                sample_sum = summed.double().sum(0)
-                sample_squares = torch.bmm(mask.unsqueeze(1), abs_h * abs_h).squeeze(1).double().sum(0)
+                sample_sum, sample_squares = summed.double().sum(0), squared.double().sum(0)
             getattr(stats, f"{self._group}_sum")[layer_index].add_(sample_sum.to(stats.target_sum.device))
             stats.sum_squares[layer_index].add_(sample_squares.to(stats.sum_squares.device))
 
         return hook
+
+    @staticmethod
+    def _masked_sums(h: torch.Tensor, mask: torch.Tensor, squares: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-prompt masked sums over tokens of ``|h|`` (and of ``|h|**2``), shape (B, d_ff), float32.
+
+        ``(B, 1, t) @ (B, t, d_ff)`` batched matmuls over slices of the sequence, so the float32 copy of
+        ``|h|`` never exceeds :data:`HOOK_CHUNK_ELEMENTS` (one slice when the batch is small).
+        """
+        batch, length, width = h.shape
+        step = max(1, min(length, HOOK_CHUNK_ELEMENTS // max(1, batch * width)))
+        summed = h.new_zeros(batch, width, dtype=torch.float32)
+        squared = h.new_zeros(batch, width, dtype=torch.float32) if squares else None
+        for start in range(0, length, step):
+            abs_h = h[:, start:start + step].abs().float()
+            weights = mask[:, None, start:start + step]
+            summed += torch.bmm(weights, abs_h).squeeze(1)
+            if squares:
+                squared += torch.bmm(weights, abs_h * abs_h).squeeze(1)
+        return summed, squared
 
     @contextmanager
     def recording(self) -> Iterator[ActivationRecorder]:
