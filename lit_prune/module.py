@@ -8,8 +8,10 @@ optimizer. This module only holds the model, trains the adapters and writes the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -32,11 +34,31 @@ from lit_prune.evaluation import EvalSettings, EvaluationSuite
 from lit_prune.report import print_comparison, write_json, write_jsonl
 from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan
 
-__all__ = ["CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LoraSettings", "PrunableCausalLM", "atomic_directory"]
+__all__ = [
+    "CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LR_SCHEDULES", "LoraSettings", "PrunableCausalLM", "atomic_directory",
+    "lr_factor",
+]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str = "constant",
+              min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer ``step`` (0-based), for ``LambdaLR``.
+
+    Linear warm-up over ``warmup_steps``; then ``constant`` (1.0) or ``cosine``: a half cosine from 1.0
+    down to ``min_lr_ratio``, reached at ``total_steps`` (the last step uses ``step = total_steps - 1``).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 _DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,6 +138,8 @@ class PrunableCausalLM(L.LightningModule):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
         export_dir: str | None = None,
         merge_on_export: bool = True,
         evaluation: EvalSettings | None = None,
@@ -132,12 +156,16 @@ class PrunableCausalLM(L.LightningModule):
             learning_rate: AdamW learning rate (the paper: 2e-5 math, 2e-4 code).
             weight_decay: AdamW weight decay.
             warmup_steps: Linear warm-up steps of the learning rate.
+            lr_schedule: After warm-up, ``constant`` keeps the learning rate; ``cosine`` decays it to
+                ``min_lr_ratio * learning_rate`` at the run's last step (``trainer.estimated_stepping_batches``).
+            min_lr_ratio: Final learning rate of the cosine schedule as a fraction of ``learning_rate``.
             export_dir: Where ``on_fit_end`` writes the final Hugging Face checkpoint (None: no export).
             merge_on_export: Merge LoRA adapters into the weights before exporting.
             evaluation: What ``trainer.test`` measures and where it writes the report (defaults when None).
 
         Raises:
-            ValueError: For an unknown ``dtype`` or a negative rate, decay or warm-up.
+            ValueError: For an unknown ``dtype`` or ``lr_schedule``, a negative rate, decay or warm-up, or a
+                ``min_lr_ratio`` outside [0, 1].
         """
         super().__init__()
         if dtype not in DTYPES:
@@ -146,6 +174,10 @@ class PrunableCausalLM(L.LightningModule):
             raise ValueError(f"`learning_rate` must be > 0; got {learning_rate}")
         if weight_decay < 0 or warmup_steps < 0:
             raise ValueError(f"`weight_decay` and `warmup_steps` must be >= 0; got {weight_decay}, {warmup_steps}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"`lr_schedule` must be one of {LR_SCHEDULES}; got {lr_schedule!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"`min_lr_ratio` must be in [0, 1]; got {min_lr_ratio}")
         # Saved hyper-parameters (and LightningCLI's) may hold the settings as plain dicts.
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         evaluation = EvalSettings(**evaluation) if isinstance(evaluation, dict) else evaluation
@@ -238,10 +270,15 @@ class PrunableCausalLM(L.LightningModule):
         if not params:
             raise ValueError("no trainable parameters: the model is frozen and `lora` is None")
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        warmup = self.hparams.warmup_steps
-        if not warmup:
+        warmup, schedule = self.hparams.warmup_steps, self.hparams.get("lr_schedule", "constant")
+        if not warmup and schedule == "constant":
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.estimated_stepping_batches if schedule == "cosine" else None
+        if total is not None and not math.isfinite(total):
+            raise ValueError("`lr_schedule='cosine'` needs a finite run: set `trainer.max_steps` or `max_epochs`")
+        factor = functools.partial(lr_factor, warmup_steps=warmup, total_steps=total, schedule=schedule,
+                                   min_lr_ratio=self.hparams.get("min_lr_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @override

@@ -202,6 +202,45 @@ def test_recovery_loss_goes_down(tmp_path, tiny_dir, equal_length_data):
     assert last < first - 0.4, recorder.losses  # measured: 5.61 -> 4.99 over 24 steps
 
 
+class LearningRateRecorder(Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor(tmp_path, tiny_dir, equal_length_data):
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), learning_rate=1e-2,
+                              warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    recorder = LearningRateRecorder()
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.25, multiple_of=32), recorder],
+                       tmp_path, max_steps=10)
+    trainer.fit(module, datamodule=_datamodule(finetune=equal_length_data, finetune_samples=None, val_samples=0))
+    rates = recorder.rates
+    assert len(rates) == 10
+    assert rates[:3] == pytest.approx([5e-3, 1e-2, 1e-2])  # linear warm-up, then the peak
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))  # strictly decreasing after the peak
+    assert rates[-1] == pytest.approx(1e-3)  # min_lr_ratio * learning_rate on the last step
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lr_schedule": "linear"}, r"`lr_schedule` must be one of \('constant', 'cosine'\); got 'linear'"),
+    ({"min_lr_ratio": 1.5}, r"`min_lr_ratio` must be in \[0, 1\]; got 1.5"),
+])
+def test_schedule_bad_inputs(tiny_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrunableCausalLM(tiny_dir, **kwargs)
+
+
+def test_cosine_schedule_needs_a_finite_run(tmp_path, tiny_dir, equal_length_data):
+    module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), lr_schedule="cosine")
+    trainer = _trainer([ActivationCaptureCallback(), SelectivityPruneCallback(0.25, multiple_of=32)], tmp_path,
+                       max_steps=-1, max_epochs=-1)
+    with pytest.raises(ValueError, match=r"`lr_schedule='cosine'` needs a finite run"):
+        trainer.fit(module, datamodule=_datamodule(finetune=equal_length_data, finetune_samples=None, val_samples=0))
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_bf16_recovery_runs_on_cpu(tmp_path, tiny_dir, equal_length_data, precision):
     module = PrunableCausalLM(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
