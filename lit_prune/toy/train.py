@@ -1,6 +1,6 @@
 """Build the toy task-specific model: data, tokenizer and config, training, evaluation, shipped folder.
 
-The whole recipe, with a fixed seed, is one command (about 20 minutes on 2 CPU cores)::
+The whole recipe, with a fixed seed, is one command (about 25 minutes on 2 CPU cores)::
 
     python -m lit_prune.toy all
 
