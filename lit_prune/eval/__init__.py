@@ -3,80 +3,62 @@
 Metrics follow "Exploring the Limits of Pruning: Task-Specific Neurons, Model Collapse, and Recovery in
 Task-Specific LLMs" (arXiv 2604.27115), Sec. 3.5, 4.7, 4.8 and Appendices D-G. Count-based metrics are
 :class:`torchmetrics.Metric` subclasses whose states are summed across processes.
+
+The names below are imported from their submodule on first use (PEP 562), so that
+``import lit_prune.eval.resources`` does not also load generation, torchmetrics and HumanEval.
 """
 
-from lit_prune.eval.generation import BoxedAnswerStoppingCriteria, GenerationRecord, generate
-from lit_prune.eval.gsm8k import (
-    GSM8K_INSTRUCTION,
-    GSM8KExactMatch,
-    extract_last_boxed,
-    is_exact_match,
-    normalize_answer,
-    reference_answer,
-)
-from lit_prune.eval.humaneval import (
-    HUMANEVAL_INSTRUCTION,
-    HumanEvalPassAtOne,
-    default_humaneval_path,
-    load_humaneval,
-    run_tests,
-    sanitize_completion,
-)
-from lit_prune.eval.resources import (
-    PeakMemory,
-    compression_ratio,
-    count_parameters,
-    decode_throughput,
-    performance_retention,
-    prefill_throughput,
-    relative_accuracy_loss,
-    relative_gain,
-)
-from lit_prune.eval.similarity import (
-    DEFAULT_BERTSCORE_MODEL,
-    DEFAULT_SBERT_MODEL,
-    OutputCache,
-    bertscore_f1,
-    default_sbert_path,
-    distractor_similarity,
-    sbert_cosine,
-)
-from lit_prune.eval.traps import LoopInfo, TrapRate, TrapType, classify_trap, find_repetition_loop
+import importlib
 
-__all__ = [
-    "DEFAULT_BERTSCORE_MODEL",
-    "DEFAULT_SBERT_MODEL",
-    "GSM8K_INSTRUCTION",
-    "HUMANEVAL_INSTRUCTION",
-    "BoxedAnswerStoppingCriteria",
-    "GSM8KExactMatch",
-    "GenerationRecord",
-    "HumanEvalPassAtOne",
-    "LoopInfo",
-    "OutputCache",
-    "PeakMemory",
-    "TrapRate",
-    "TrapType",
-    "bertscore_f1",
-    "classify_trap",
-    "compression_ratio",
-    "count_parameters",
-    "decode_throughput",
-    "default_humaneval_path",
-    "default_sbert_path",
-    "distractor_similarity",
-    "extract_last_boxed",
-    "find_repetition_loop",
-    "generate",
-    "is_exact_match",
-    "load_humaneval",
-    "normalize_answer",
-    "performance_retention",
-    "prefill_throughput",
-    "reference_answer",
-    "relative_accuracy_loss",
-    "relative_gain",
-    "run_tests",
-    "sanitize_completion",
-    "sbert_cosine",
-]
+_EXPORTS = {
+    "BoxedAnswerStoppingCriteria": "lit_prune.eval.generation",
+    "DEFAULT_BERTSCORE_MODEL": "lit_prune.eval.similarity",
+    "DEFAULT_SBERT_MODEL": "lit_prune.eval.similarity",
+    "GSM8KExactMatch": "lit_prune.eval.gsm8k",
+    "GSM8K_INSTRUCTION": "lit_prune.eval.gsm8k",
+    "GenerationRecord": "lit_prune.eval.generation",
+    "HUMANEVAL_INSTRUCTION": "lit_prune.eval.humaneval",
+    "HumanEvalPassAtOne": "lit_prune.eval.humaneval",
+    "LoopInfo": "lit_prune.eval.traps",
+    "OutputCache": "lit_prune.eval.similarity",
+    "PeakMemory": "lit_prune.eval.resources",
+    "TrapRate": "lit_prune.eval.traps",
+    "TrapType": "lit_prune.eval.traps",
+    "bertscore_f1": "lit_prune.eval.similarity",
+    "classify_trap": "lit_prune.eval.traps",
+    "compression_ratio": "lit_prune.eval.resources",
+    "count_parameters": "lit_prune.eval.resources",
+    "decode_throughput": "lit_prune.eval.resources",
+    "default_humaneval_path": "lit_prune.eval.humaneval",
+    "default_sbert_path": "lit_prune.eval.similarity",
+    "distractor_similarity": "lit_prune.eval.similarity",
+    "extract_last_boxed": "lit_prune.eval.gsm8k",
+    "find_repetition_loop": "lit_prune.eval.traps",
+    "generate": "lit_prune.eval.generation",
+    "is_exact_match": "lit_prune.eval.gsm8k",
+    "load_humaneval": "lit_prune.eval.humaneval",
+    "normalize_answer": "lit_prune.eval.gsm8k",
+    "performance_retention": "lit_prune.eval.resources",
+    "prefill_throughput": "lit_prune.eval.resources",
+    "reference_answer": "lit_prune.eval.gsm8k",
+    "relative_accuracy_loss": "lit_prune.eval.resources",
+    "relative_gain": "lit_prune.eval.resources",
+    "run_tests": "lit_prune.eval.humaneval",
+    "sanitize_completion": "lit_prune.eval.humaneval",
+    "sbert_cosine": "lit_prune.eval.similarity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -16,10 +16,13 @@ import statistics
 import threading
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # annotations only: importing transformers' modeling code costs seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "PeakMemory",
