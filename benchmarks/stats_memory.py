@@ -10,11 +10,11 @@ capture's extra over the plain forward, and the exact bytes of the ``NeuronStats
 Next to it, the memory of the paper's approach (one float32 vector per prompt and layer, an
 N x L x d_ff tensor) for N = 3,200 at the 1.5B (28 x 8,960) and 7B (28 x 18,944) shapes, against ours:
 the persistent statistics (3 float64 L x d_ff tensors) and, separately, the transient per-batch hook
-temporaries (one float32 B x T x d_ff |h| copy per layer call, freed before the next layer).
+temporaries (one float32 |h| copy per layer call, freed before the next layer; at most
+``HOOK_CHUNK_ELEMENTS`` elements, since the hook sums long batches in slices of the sequence).
 
-``--logits-check`` (on by default) adds one capture run with the real 151,936-token vocabulary, because
-``observe`` calls the model without ``logits_to_keep``: its logits (B x T x V float32) are the largest
-per-batch allocation of a capture.
+``--logits-check`` (on by default) adds one run with the real 151,936-token vocabulary: a plain forward
+computes B x T x V float32 logits, while ``observe`` asks for the last position's only (``logits_to_keep=1``).
 
     python benchmarks/stats_memory.py
     python benchmarks/stats_memory.py --prompts 8,16 --tokens 8 --no-logits-check   # seconds
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as common  # noqa: E402
+from lit_prune.pruning.stats import HOOK_CHUNK_ELEMENTS  # noqa: E402
 
 NAME = "stats_memory"
 PAPER_PROMPTS = 3200
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--prompts", default="64,256,1024", help="comma list of prompt counts N")
     parser.add_argument("--tokens", type=common.positive, default=16, help="every batch is padded to this length")
     parser.add_argument("--batch-size", type=common.positive, default=16)
+    parser.add_argument("--hook-chunk-elements", type=common.positive, default=None,
+                        help="override lit_prune's HOOK_CHUNK_ELEMENTS (slice size of the hook's |h| copy) "
+                             "to compare sliced and whole-sequence capture")
     parser.add_argument("--repeats", type=common.positive, default=1, help="child runs per (N, mode)")
     parser.add_argument("--modes", default="plain,capture",
                         help="comma list of child runs per N: plain (control forward) and/or capture")
@@ -73,6 +77,10 @@ def _child(args) -> dict:
 
     mode, count = args.child.split(":")
     count = int(count)
+    if args.hook_chunk_elements:
+        from lit_prune.pruning import stats
+
+        stats.HOOK_CHUNK_ELEMENTS = args.hook_chunk_elements
     common.set_threads(args.threads)
     config = common.qwen25_config(args.model, args.layers, args.vocab)
     model = common.build_model(config)
@@ -106,6 +114,8 @@ def _run_child(args, spec: str, vocab: int | None = None) -> dict:
                "--batch-size", str(args.batch_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.hook_chunk_elements:
+        command += ["--hook-chunk-elements", str(args.hook_chunk_elements)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child {spec} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -117,6 +127,11 @@ def _stats_bytes(layers: int, width: int) -> int:
     return 3 * layers * width * 8 + 2 * 8
 
 
+def _hook_slice_tokens(batch_size: int, tokens: int, width: int, chunk_elements: int = HOOK_CHUNK_ELEMENTS) -> int:
+    """Tokens per slice of the hook's float32 |h| copy (freed after each layer call)."""
+    return max(1, min(tokens, chunk_elements // (batch_size * width)))
+
+
 def paper_comparison(prompts: int, batch_size: int, tokens: int) -> list[dict]:
     """The paper's N x L x d_ff float32 tensor vs our statistics (+ the transient per-batch hook copy)."""
     rows = []
@@ -125,11 +140,12 @@ def paper_comparison(prompts: int, batch_size: int, tokens: int) -> list[dict]:
         layers, width = shape["num_hidden_layers"], shape["intermediate_size"]
         paper = prompts * layers * width * 4
         ours = _stats_bytes(layers, width)
-        transient = batch_size * tokens * width * 4  # |h| float32 copy of one layer call, freed after it
+        slice_tokens = _hook_slice_tokens(batch_size, tokens, width)
+        transient = batch_size * slice_tokens * width * 4
         rows.append({
             "model": f"Qwen2.5-{name}", "layers": layers, "d_ff": width, "prompts": prompts,
             "paper_bytes": paper, "ours_stats_bytes": ours, "ours_transient_bytes": transient,
-            "transient_batch": [batch_size, tokens],
+            "transient_batch": [batch_size, tokens], "transient_slice_tokens": slice_tokens,
             "paper_over_ours_stats": paper / ours,
             "paper_over_ours_stats_plus_transient": paper / (ours + transient),
         })
@@ -174,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     growths = [row["capture_growth_bytes"] for row in per_n]
     flatness = max(growths) / max(min(growths), 1)
     config = common.qwen25_config(args.model, args.layers, args.vocab)
-    transient = args.batch_size * args.tokens * config.intermediate_size * 4
+    width = config.intermediate_size
+    transient = args.batch_size * width * 4 * _hook_slice_tokens(args.batch_size, args.tokens, width,
+                                                                   args.hook_chunk_elements or HOOK_CHUNK_ELEMENTS)
     paper = paper_comparison(PAPER_PROMPTS, 8, 512)
     info = common.machine_info()
     payload = {
@@ -185,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "weights, float32",
             "num_layers": args.layers, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "tokens_per_prompt_padded": args.tokens, "batch_size": args.batch_size, "repeats": args.repeats,
-            "threads": threads, "method": "cpu_peak_rss (psutil, 2 ms sampling) in a fresh process per run",
+            "threads": threads, "hook_chunk_elements": args.hook_chunk_elements or HOOK_CHUNK_ELEMENTS, "method": "cpu_peak_rss (psutil, 2 ms sampling) in a fresh process per run",
         },
         "runs": runs,
         "per_prompts": per_n,
