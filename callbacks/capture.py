@@ -14,12 +14,19 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import applied_plan, find_causal_lm, find_tokenizer, resume_plan
-from lit_prune.pruning.stats import AGGREGATIONS, GROUPS, ActivationRecorder, NeuronStats, prompt_set_hash
+from lit_prune.pruning.stats import (
+    AGGREGATIONS,
+    GROUPS,
+    ActivationRecorder,
+    NeuronStats,
+    model_fingerprint,
+    prompt_set_hash,
+)
 
 __all__ = ["ActivationCaptureCallback"]
 
@@ -95,13 +102,35 @@ class ActivationCaptureCallback(Callback):
         if self.stats_path and Path(self.stats_path).is_file():
             stats = NeuronStats.load(self.stats_path)
             stats.check_compatible(model)
-            rank_zero_info(f"loaded activation statistics from {self.stats_path}; not capturing again")
-            self.stats = stats
-            return stats
+            # Rank 0 decides, so that every rank either loads or captures.
+            stale = trainer.strategy.broadcast(self._stale_reason(stats, trainer, pl_module) if trainer.is_global_zero
+                                               else None)
+            if stale is None:
+                rank_zero_info(f"loaded activation statistics from {self.stats_path}; not capturing again")
+                self.stats = stats
+                return stats
+            rank_zero_warn(f"not using the statistics in {self.stats_path}: {stale}; capturing again and "
+                           "overwriting the file")
         self.stats = self.capture(trainer, pl_module)
         if self.stats_path and trainer.is_global_zero:
             self.stats.save(self.stats_path)
         return self.stats
+
+    def _stale_reason(self, stats: NeuronStats, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        """Why cached ``stats`` do not belong to this run (other weights, prompts or aggregation), or None."""
+        if stats.aggregation != self.aggregation:
+            return f"they were aggregated per {stats.aggregation}, this callback aggregates per {self.aggregation}"
+        stored = stats.metadata.get("model_fingerprint")
+        if stored is None:
+            return "they carry no model fingerprint (saved by an older lit_prune)"
+        if stored != model_fingerprint(find_causal_lm(pl_module)):
+            return (f"they were captured on other weights of {stats.metadata.get('model', 'the model')!r} "
+                    "(model fingerprint differs)")
+        prompts = self._prompts(trainer, find_tokenizer(pl_module, self.tokenizer))
+        for group in GROUPS:
+            if stats.metadata.get(f"{group}_hash") != prompt_set_hash(prompts[group]):
+                return f"they were captured on another {group} prompt set"
+        return None
 
     def _prompts(self, trainer: L.Trainer, tokenizer) -> dict[str, list[str]]:
         prompts = dict(self.prompts)
@@ -123,6 +152,7 @@ class ActivationCaptureCallback(Callback):
         model = find_causal_lm(pl_module)
         tokenizer = find_tokenizer(pl_module, self.tokenizer)
         prompts = self._prompts(trainer, tokenizer)
+        fingerprint = model_fingerprint(model)  # of the weights as loaded (before any move to the device)
         device = trainer.strategy.root_device
         was_training = model.training
         pl_module.to(device)
@@ -149,7 +179,7 @@ class ActivationCaptureCallback(Callback):
             tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
         stats = recorder.finalize().to("cpu")
         stats.metadata.update(
-            model=getattr(model.config, "_name_or_path", type(model).__name__),
+            model=getattr(model.config, "_name_or_path", type(model).__name__), model_fingerprint=fingerprint,
             target_prompts=len(prompts["target"]), distractor_prompts=len(prompts["distractor"]),
             target_hash=prompt_set_hash(prompts["target"]), distractor_hash=prompt_set_hash(prompts["distractor"]),
             max_length=self.max_length, world_size=world,

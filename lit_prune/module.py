@@ -33,6 +33,7 @@ from lit_prune.eval.resources import PeakMemory, count_parameters, decode_throug
 from lit_prune.evaluation import EvalSettings, EvaluationSuite
 from lit_prune.report import print_comparison, write_json, write_jsonl
 from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan
+from lit_prune.pruning.stats import model_fingerprint
 
 __all__ = [
     "CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LR_SCHEDULES", "LoraSettings", "PrunableCausalLM", "atomic_directory",
@@ -354,8 +355,17 @@ class PrunableCausalLM(L.LightningModule):
         return prompts
 
     def _reference_key(self, task: str) -> dict:
-        return {"model": self._reference_model(), "task": task, "greedy": True,
-                "max_new_tokens": self.suite.settings.budget(task)}
+        return {"model": self._reference_model(), "weights": self._reference_fingerprint(), "task": task,
+                "greedy": True, "max_new_tokens": self.suite.settings.budget(task)}
+
+    def _reference_fingerprint(self) -> str | None:
+        """Fingerprint of the original weights: a folder retrained in place must not reuse old outputs."""
+        if self.prune_plan is not None:
+            return self.prune_plan.provenance.get("model_fingerprint")
+        if getattr(self, "_dense_fingerprint", None) is None:
+            model = self.model.get_base_model() if self.is_lora_wrapped else self.model
+            self._dense_fingerprint = model_fingerprint(model)
+        return self._dense_fingerprint
 
     @override
     def on_test_start(self) -> None:

@@ -9,13 +9,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_prune.callbacks import ActivationCaptureCallback, SelectivityPruneCallback
 from lit_prune.cli import cli_main
 from lit_prune.data import PruneDataModule
 from lit_prune.module import LoraSettings, PrunableCausalLM
-from lit_prune.pruning import NeuronStats, PrunePlan, find_swiglu_mlps, selectivity
+from lit_prune.pruning import NeuronStats, PrunePlan, find_swiglu_mlps, make_plan, model_fingerprint, selectivity
 from lit_prune.tiny import make_tiny_model, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,6 +316,66 @@ def _ddp_run(tmp_path, tiny_dir, data, devices, batch_size):
     for name, tensor in load_file(tmp_path / "export" / "adapter_model.safetensors").items():
         adapters[name] = tensor
     return NeuronStats.load(stats_path), PrunePlan.load(plan_path), adapters
+
+
+def _capture_with_cache(tmp_path, model_dir, stats_path, **callback_kwargs):
+    module = PrunableCausalLM(model_dir)
+    capture = ActivationCaptureCallback(target_prompts=["What is 2 plus 3?", "Tom has 4 apples and eats 1."],
+                                        distractor_prompts=["Hello, how are you?", "Where is the station?"],
+                                        batch_size=4, stats_path=str(stats_path), progress=False, **callback_kwargs)
+    trainer = _trainer([capture], tmp_path, max_steps=1)
+    trainer.strategy.connect(module)
+    stats = capture.ensure_stats(trainer, module)
+    return stats, module
+
+
+def test_cached_statistics_are_reused_only_for_the_same_weights_and_prompts(tmp_path, tiny_dir):
+    stats_path = tmp_path / "stats.pt"
+    first, module = _capture_with_cache(tmp_path, tiny_dir, stats_path)
+    assert first.metadata["model_fingerprint"] == model_fingerprint(module.model)
+    saved = stats_path.stat().st_mtime_ns
+    again, _ = _capture_with_cache(tmp_path, tiny_dir, stats_path)  # same weights and prompts: loaded
+    assert stats_path.stat().st_mtime_ns == saved
+    torch.testing.assert_close(again.target_sum, first.target_sum, rtol=0, atol=0)
+
+    # The same folder retrained in place: other weights under the same path.
+    retrained = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for block in find_swiglu_mlps(retrained):
+            block.up_proj.weight.mul_(1.5)
+    retrained.save_pretrained(tmp_path / "retrained")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "retrained")
+    import shutil
+
+    shutil.copy(stats_path, tmp_path / "stale.pt")
+    with pytest.warns(UserWarning, match=r"captured on other weights .*capturing again"):
+        fresh, module = _capture_with_cache(tmp_path, str(tmp_path / "retrained"), tmp_path / "stale.pt")
+    assert fresh.metadata["model_fingerprint"] == model_fingerprint(module.model) != first.metadata["model_fingerprint"]
+    assert not torch.equal(fresh.target_sum, first.target_sum)
+    assert NeuronStats.load(tmp_path / "stale.pt").metadata["model_fingerprint"] == fresh.metadata["model_fingerprint"]
+
+    shutil.copy(stats_path, tmp_path / "other-aggregation.pt")
+    with pytest.warns(UserWarning, match=r"aggregated per prompt, this callback aggregates per token"):
+        _capture_with_cache(tmp_path, tiny_dir, tmp_path / "other-aggregation.pt", aggregation="token")
+
+
+def test_reference_outputs_key_names_the_weights(tmp_path, tiny_dir):
+    dense = PrunableCausalLM(tiny_dir)
+    key = dense._reference_key("qna")
+    assert key["weights"] == model_fingerprint(dense.model)
+    with torch.no_grad():
+        next(dense.model.parameters()).add_(1.0)
+    assert PrunableCausalLM(tiny_dir)._reference_key("qna") == key  # same folder, same weights
+    changed = PrunableCausalLM(tiny_dir)
+    with torch.no_grad():
+        next(changed.model.parameters()).add_(1.0)
+    assert changed._reference_key("qna")["weights"] != key["weights"]
+    # A pruned model is compared with the weights its plan was made from.
+    stats, module = _capture_with_cache(tmp_path, tiny_dir, tmp_path / "stats.pt")
+    plan = make_plan(stats, 0.25, multiple_of=32)
+    plan.apply(module.model)
+    module.set_prune_plan(plan)
+    assert module._reference_key("qna")["weights"] == key["weights"]
 
 
 @pytest.mark.slow

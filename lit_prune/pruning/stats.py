@@ -29,7 +29,7 @@ from torch import nn
 
 from lit_prune.pruning.swiglu import find_swiglu_mlps
 
-__all__ = ["AGGREGATIONS", "GROUPS", "HOOK_CHUNK_ELEMENTS", "ActivationRecorder", "NeuronStats", "prompt_set_hash"]
+__all__ = ["AGGREGATIONS", "GROUPS", "HOOK_CHUNK_ELEMENTS", "model_fingerprint", "ActivationRecorder", "NeuronStats", "prompt_set_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,27 @@ def prompt_set_hash(prompts: Iterable[str]) -> str:
     for prompt in prompts:
         digest.update(prompt.encode("utf-8"))
         digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """SHA-256 over every floating tensor's name, shape, dtype and the exact bytes of evenly spaced elements.
+
+    A path such as ``checkpoints/toy-math`` names a folder, not weights: retraining or re-exporting into
+    the same folder must not reuse statistics or reference outputs of the old weights. Up to
+    ``samples_per_tensor`` elements of each tensor are read (no reduction, so the same weights give the same
+    string on any device and thread count); training changes nearly every element, so they change it.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].float().cpu()  # float32 holds bf16/fp16 values exactly
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 
 
