@@ -58,8 +58,9 @@ class ActivationCaptureCallback(Callback):
             batch_size: Prompts per forward pass.
             max_length: Prompts are cut to this many tokens.
             aggregation: ``"prompt"`` (the paper: masked mean per prompt) or ``"token"`` (every valid token).
-            stats_path: If the file exists, load statistics from it instead of capturing; otherwise save
-                the captured statistics there, so a ratio sweep captures once.
+            stats_path: If the file exists and was captured on the same weights (model fingerprint), prompts
+                and aggregation, load statistics from it instead of capturing; otherwise capture (with a
+                warning naming what differs) and save the statistics there, so a ratio sweep captures once.
             progress: Show a progress bar on rank 0.
             tokenizer: Tokenizer to use (default: ``pl_module.tokenizer``).
 
