@@ -200,6 +200,7 @@ class PrunableCausalLM(L.LightningModule):
         # and the prune callback sees the model is already pruned.
         plan_file = Path(model_name_or_path) / PLAN_FILENAME
         self.prune_plan: PrunePlan | None = PrunePlan.load(plan_file) if plan_file.is_file() else None
+        self._dense_fingerprint: str | None = None  # of the unpruned weights, when this model is the reference
         self.exported_to: Path | None = None
         self.suite = EvaluationSuite(evaluation or EvalSettings())
         self.test_results: dict | None = None
@@ -362,7 +363,7 @@ class PrunableCausalLM(L.LightningModule):
         """Fingerprint of the original weights: a folder retrained in place must not reuse old outputs."""
         if self.prune_plan is not None:
             return self.prune_plan.provenance.get("model_fingerprint")
-        if getattr(self, "_dense_fingerprint", None) is None:
+        if self._dense_fingerprint is None:
             model = self.model.get_base_model() if self.is_lora_wrapped else self.model
             self._dense_fingerprint = model_fingerprint(model)
         return self._dense_fingerprint
