@@ -29,7 +29,15 @@ from torch import nn
 
 from lit_prune.pruning.swiglu import find_swiglu_mlps
 
-__all__ = ["AGGREGATIONS", "GROUPS", "HOOK_CHUNK_ELEMENTS", "model_fingerprint", "ActivationRecorder", "NeuronStats", "prompt_set_hash"]
+__all__ = [
+    "AGGREGATIONS",
+    "GROUPS",
+    "HOOK_CHUNK_ELEMENTS",
+    "ActivationRecorder",
+    "NeuronStats",
+    "model_fingerprint",
+    "prompt_set_hash",
+]
 
 log = logging.getLogger(__name__)
 
