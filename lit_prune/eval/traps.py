@@ -7,16 +7,16 @@ degenerate generations in pruned models:
 * Type 2: a loop (no EOS) without a complete answer: the reasoning collapsed.
 
 A loop here is an exactly periodic token pattern that covers the *tail* of the generation: the last tokens
-repeat with some period ``p`` at least ``min_repeats`` times and cover at least ``min_loop_tokens`` tokens.
-Length alone is never a loop (a long varied generation that hit ``max_new_tokens`` is not a trap), and a loop
-the model escaped from before the end is not one either. Drifting loops (``1, 2, 3, 4, ...``) are not exactly
-periodic and are not detected.
+repeat with some period ``p`` (up to 512 tokens by default, so a repeated paragraph counts) at least
+``min_repeats`` times and cover at least ``min_loop_tokens`` tokens. Length alone is never a loop (a long
+varied generation that hit ``max_new_tokens`` is not a trap), and a loop the model escaped from before the end
+is not one either. Drifting loops (``1, 2, 3, 4, ...``) are not exactly periodic and are not detected.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 TrapType = Literal["none", "type1", "type2"]
 
 _DEFAULT_MIN_PERIOD = 1
-_DEFAULT_MAX_PERIOD = 64
+_DEFAULT_MAX_PERIOD = 512
 _DEFAULT_MIN_REPEATS = 4
 _DEFAULT_MIN_LOOP_TOKENS = 20
 
@@ -74,11 +74,18 @@ def find_repetition_loop(
 ) -> LoopInfo | None:
     """Find an exactly periodic pattern that covers the end of ``token_ids``.
 
-    For each period ``p`` from ``min_period`` to ``max_period`` the tail is extended backwards while
-    ``token_ids[i] == token_ids[i - p]``. The smallest ``p`` whose periodic tail holds at least ``min_repeats``
-    full units and at least ``min_loop_tokens`` tokens is returned. With the defaults, 30 identical tokens,
-    8 repeats of a 3-token unit (24 tokens) or 4 repeats of a 17-token unit are loops; 19 identical tokens, or
-    ordinary text whose last tokens do not repeat, are not.
+    For a period ``p`` the periodic tail is the longest suffix with ``token_ids[i] == token_ids[i - p]``
+    throughout, plus the ``p`` tokens it repeats. The smallest ``p`` from ``min_period`` to ``max_period``
+    whose periodic tail holds at least ``min_repeats`` full units and at least ``min_loop_tokens`` tokens is
+    returned. With the defaults, 30 identical tokens, 8 repeats of a 3-token unit (24 tokens), 4 repeats of a
+    17-token unit or 4 repeats of a 500-token paragraph are loops; 19 identical tokens, or ordinary text whose
+    last tokens do not repeat, are not.
+
+    Cost: the suffix-match length of every period is the Z-function of the reversed sequence at that shift,
+    computed for shifts ``1 .. max_period`` with the Z-algorithm. Each token comparison either fails (at most
+    once per shift) or moves the right end of the matched window forward (at most ``n`` times), so the search
+    takes ``O(n + max_period)`` time and memory for ``n`` tokens, instead of ``O(max_period * n)`` when every
+    period is extended separately.
 
     Args:
         token_ids: Generated token ids (new tokens only), a sequence of ints or a 1-D tensor.
@@ -100,17 +107,35 @@ def find_repetition_loop(
         token_ids = token_ids.tolist()
     tokens = list(token_ids)
     length = len(tokens)
-    for period in range(min_period, min(max_period, length // min_repeats) + 1):
-        matched = 0
-        index = length - 1
-        while index - period >= 0 and tokens[index] == tokens[index - period]:
-            matched += 1
-            index -= 1
+    largest = min(max_period, length // min_repeats)
+    for period, matched in _tail_match_lengths(tokens, largest):
         tail = matched + period
         repeats = tail // period
-        if repeats >= min_repeats and tail >= min_loop_tokens:
+        if period >= min_period and repeats >= min_repeats and tail >= min_loop_tokens:
             return LoopInfo(start=length - tail, period=period, repeats=repeats, num_tokens=tail)
     return None
+
+
+def _tail_match_lengths(tokens: list[int], max_shift: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(p, matched)`` for ``p = 1 .. max_shift``: how many trailing tokens equal the token ``p`` before.
+
+    ``matched`` is the Z-function of the reversed sequence (the common-prefix length of ``reverse`` and
+    ``reverse[p:]``); see :func:`find_repetition_loop` for the cost. Values come lazily, so a caller that
+    stops at a small period does not pay for the larger ones.
+    """
+    reverse = tokens[::-1]
+    count = len(reverse)
+    matched = [0] * (max_shift + 1)
+    # reverse[left:right] equals reverse[:right - left], with the largest right seen so far.
+    left = right = 0
+    for shift in range(1, max_shift + 1):
+        length = min(matched[shift - left], right - shift) if shift < right else 0
+        if shift + length >= right:
+            while shift + length < count and reverse[length] == reverse[shift + length]:
+                length += 1
+            left, right = shift, shift + length
+        matched[shift] = length
+        yield shift, length
 
 
 def classify_trap(

