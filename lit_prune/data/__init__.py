@@ -2,7 +2,7 @@
 
 from lit_prune.data.datamodule import PruneDataModule, SupervisedCollator, tokenize_supervised
 from lit_prune.data.prompts import CODE_INSTRUCTION, MATH_INSTRUCTION, format_prompt, instruction_for
-from lit_prune.data.sources import KINDS, PRESETS, Example, gsm8k_response, load_examples
+from lit_prune.data.sources import KINDS, PRESETS, Example, gsm8k_response, load_examples, load_texts
 
 __all__ = [
     "CODE_INSTRUCTION",
@@ -16,5 +16,6 @@ __all__ = [
     "gsm8k_response",
     "instruction_for",
     "load_examples",
+    "load_texts",
     "tokenize_supervised",
 ]

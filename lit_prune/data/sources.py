@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lit_prune.jsonl import iter_jsonl
 
-__all__ = ["KINDS", "PRESETS", "Example", "gsm8k_response", "load_examples"]
+__all__ = ["KINDS", "PRESETS", "Example", "gsm8k_response", "load_examples", "load_texts"]
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +225,58 @@ def load_examples(source: str, split: str | None = None, limit: int | None = Non
     if limit is not None and limit < len(examples):
         examples = random.Random(seed).sample(examples, limit)
     return examples
+
+
+def _texts_from_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":  # SQuAD: each paragraph once (the file repeats it for every question)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))["data"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a SQuAD-format file with a top-level 'data' list ({error})") from error
+        return list(dict.fromkeys(p["context"] for article in data for p in article["paragraphs"]))
+    if suffix == ".txt":  # one text a line; DailyDialog's `__eou__` turn marks become line breaks
+        texts = ("\n".join(t.strip() for t in line.split("__eou__") if t.strip())
+                 for line in path.read_text(encoding="utf-8").splitlines())
+        return [text for text in texts if text]
+    if suffix == ".jsonl":
+        texts = []
+        for line_number, record in iter_jsonl(path):
+            if isinstance(record.get("text"), str):
+                texts.append(record["text"])
+            else:
+                raise ValueError(f"{path}: line {line_number} has no string `text` field (keys {sorted(record)})")
+        return texts
+    raise ValueError(f"text source {str(path)!r}: unsupported file type {suffix!r}; use .json (SQuAD), .txt or .jsonl")
+
+
+def load_texts(source: str, limit: int | None = None, seed: int = 42) -> list[str]:
+    """Plain texts (no prompt, no template) for general-text perplexity.
+
+    Args:
+        source: A SQuAD-format ``.json`` (its paragraphs, each once), a ``.txt`` file (one text a line; DailyDialog's
+            ``__eou__`` become line breaks), a ``.jsonl`` file with a ``text`` field, or the ``squad`` preset
+            (paragraphs of its validation split).
+        limit: Keep at most this many texts, drawn at random with ``seed`` (all when None).
+        seed: Seed of the subsample.
+
+    Raises:
+        FileNotFoundError: If ``source`` is neither the ``squad`` preset nor an existing file.
+        ValueError: If the file is malformed or has no text, or ``limit`` < 1.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"`limit` must be >= 1 or None; got {limit}")
+    if source == "squad":
+        from datasets import load_dataset
+
+        texts = list(dict.fromkeys(load_dataset(PRESETS["squad"][0], split="validation")["context"]))
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"text source {source!r} is neither the `squad` preset nor an existing file")
+        texts = _texts_from_file(path)
+    if not texts:
+        raise ValueError(f"text source {source!r} yielded no texts")
+    if limit is not None and limit < len(texts):
+        texts = random.Random(seed).sample(texts, limit)
+    return texts

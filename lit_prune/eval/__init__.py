@@ -1,4 +1,4 @@
-"""Evaluation: GSM8K exact match, HumanEval pass@1, traps, distractor similarity and resources.
+"""Evaluation: GSM8K exact match, HumanEval pass@1, traps, distractor similarity, perplexity and resources.
 
 Metrics follow "Exploring the Limits of Pruning: Task-Specific Neurons, Model Collapse, and Recovery in
 Task-Specific LLMs" (arXiv 2604.27115), Sec. 3.5, 4.7, 4.8 and Appendices D-G. Count-based metrics are
@@ -19,9 +19,11 @@ _EXPORTS = {
     "GenerationRecord": "lit_prune.eval.generation",
     "HUMANEVAL_INSTRUCTION": "lit_prune.eval.humaneval",
     "HumanEvalPassAtOne": "lit_prune.eval.humaneval",
+    "IGNORE_INDEX": "lit_prune.eval.perplexity",
     "LoopInfo": "lit_prune.eval.traps",
     "OutputCache": "lit_prune.eval.similarity",
     "PeakMemory": "lit_prune.eval.resources",
+    "TokenNLL": "lit_prune.eval.perplexity",
     "TrapRate": "lit_prune.eval.traps",
     "TrapType": "lit_prune.eval.traps",
     "bertscore_f1": "lit_prune.eval.similarity",
@@ -39,6 +41,7 @@ _EXPORTS = {
     "load_humaneval": "lit_prune.eval.humaneval",
     "normalize_answer": "lit_prune.eval.gsm8k",
     "performance_retention": "lit_prune.eval.resources",
+    "perplexity_batch": "lit_prune.eval.perplexity",
     "prefill_throughput": "lit_prune.eval.resources",
     "reference_answer": "lit_prune.eval.gsm8k",
     "relative_accuracy_loss": "lit_prune.eval.resources",
@@ -46,6 +49,8 @@ _EXPORTS = {
     "run_tests": "lit_prune.eval.humaneval",
     "sanitize_completion": "lit_prune.eval.humaneval",
     "sbert_cosine": "lit_prune.eval.similarity",
+    "sequence_nll": "lit_prune.eval.perplexity",
+    "text_tokens": "lit_prune.eval.perplexity",
 }
 
 __all__ = sorted(_EXPORTS)
