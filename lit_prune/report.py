@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from lit_prune.io import atomic_open
 
 __all__ = ["METRIC_COLUMNS", "comparison_table", "print_comparison", "write_json", "write_jsonl"]
 
@@ -24,6 +25,9 @@ METRIC_COLUMNS = (
     ("trap_type2", "Trap T2", "{:.1%}"),
     ("trap_total", "Traps", "{:.1%}"),
     ("sss", "Distractor sim.", "{:.3f}"),
+    ("ppl_target", "PPL target", "{:.2f}"),
+    ("ppl_distractor", "PPL distractor", "{:.2f}"),
+    ("ppl_general", "PPL text", "{:.2f}"),
     ("parameters", "Params", "{:,}"),
     ("mlp_width", "d_ff", "{}"),
     ("weights_mb", "Weights (MB)", "{:.1f}"),
@@ -33,24 +37,18 @@ METRIC_COLUMNS = (
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    """Write ``data`` as indented JSON, atomically and with the user's umask (:func:`lit_prune.io.atomic_open`)."""
+    with atomic_open(path, "w") as handle:
         json.dump(data, handle, indent=1, default=str)
-    os.replace(handle.name, path)
-    return path
+    return Path(path)
 
 
 def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write one JSON object a line, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    """Write one JSON object a line, atomically and with the user's umask (:func:`lit_prune.io.atomic_open`)."""
+    with atomic_open(path, "w") as handle:
         for row in rows:
             handle.write(json.dumps(row, default=str) + "\n")
-    os.replace(handle.name, path)
-    return path
+    return Path(path)
 
 
 def _cell(value, fmt: str) -> str:
