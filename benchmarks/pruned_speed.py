@@ -38,7 +38,7 @@ from torch import nn  # noqa: E402
 
 import _common as common  # noqa: E402
 from lit_prune.eval.resources import count_parameters, decode_throughput, prefill_throughput  # noqa: E402
-from lit_prune.pruning import NeuronStats, find_swiglu_mlps, make_plan  # noqa: E402
+from lit_prune.pruning import NeuronStats, PruneSpec, find_swiglu_mlps, make_plan  # noqa: E402
 
 NAME = "pruned_speed"
 TARGET = 0.9
@@ -70,11 +70,11 @@ def random_stats(num_layers: int, width: int, seed: int = 0) -> NeuronStats:
     """Statistics with random sums (the plan is ``random`` anyway; they only need the right shape)."""
     generator = torch.Generator().manual_seed(seed)
     stats = NeuronStats.zeros(num_layers, width)
-    for tensor in (stats.target_sum, stats.distractor_sum):
-        tensor.copy_(torch.rand(num_layers, width, generator=generator, dtype=torch.float64))
-    stats.sum_squares.copy_(stats.target_sum**2 + stats.distractor_sum**2)
-    stats.target_count.fill_(1.0)
-    stats.distractor_count.fill_(1.0)
+    for key, tensor in stats.state.items():
+        if tensor.dim() == 0:
+            tensor.fill_(1.0)
+        else:
+            tensor.copy_(torch.rand(num_layers, width, generator=generator, dtype=torch.float64))
     return stats
 
 
@@ -83,8 +83,8 @@ def pruned_copy(model: nn.Module, ratio: float, multiple_of: int, seed: int = 42
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     clone = copy.deepcopy(model, memo=shared)
     blocks = find_swiglu_mlps(model)
-    plan = make_plan(random_stats(len(blocks), blocks[0].width), ratio, mode="random", multiple_of=multiple_of,
-                     seed=seed)
+    plan = make_plan(model, random_stats(len(blocks), blocks[0].width),
+                     PruneSpec(ratio, "random", multiple_of=multiple_of, seed=seed)).plan
     plan.apply(clone)
     return clone.eval(), plan
 
@@ -153,14 +153,14 @@ def _with_cpu_rate(measure, tokens: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoTokenizer
+    from lit_prune.loading import load_tokenizer
 
     args = parse_args(argv)
     threads = common.set_threads(args.threads)
     config = common.qwen25_config(args.model, args.layers, args.vocab or None)
     common.console.print(f"building Qwen2.5-{args.model} shapes: {config.num_hidden_layers} layers, d_ff "
                          f"{config.intermediate_size}, vocab {config.vocab_size}, {threads} threads")
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
     if config.vocab_size < len(tokenizer):
         raise SystemExit(f"--vocab {config.vocab_size} is smaller than the prompt tokenizer's {len(tokenizer)} ids")
     dense = common.build_model(config)

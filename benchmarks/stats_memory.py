@@ -104,7 +104,7 @@ def _child(args) -> dict:
               **memory.as_dict(), "num_samples": memory.num_samples}
     if recorder is not None:
         result["stats_bytes"] = sum(t.nbytes for t in recorder.stats.tensors())
-        result["samples_counted"] = float(recorder.stats.target_count + recorder.stats.distractor_count)
+        result["samples_counted"] = float(recorder.stats.count("target") + recorder.stats.count("distractor"))
     return result
 
 
@@ -123,8 +123,9 @@ def _run_child(args, spec: str, vocab: int | None = None) -> dict:
 
 
 def _stats_bytes(layers: int, width: int) -> int:
-    """Bytes of ``NeuronStats``: 3 float64 (L, d_ff) tensors and 2 float64 counters."""
-    return 3 * layers * width * 8 + 2 * 8
+    """Bytes of the forward ``NeuronStats`` (Gram and gradients off): per group (target, distractor) five float64
+    (L, d_ff) sums and two float64 counters."""
+    return 10 * layers * width * 8 + 4 * 8
 
 
 def _hook_slice_tokens(batch_size: int, tokens: int, width: int, chunk_elements: int = HOOK_CHUNK_ELEMENTS) -> int:

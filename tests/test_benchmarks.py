@@ -54,7 +54,7 @@ def test_capture_overhead(tmp_path):
         "--max-tokens", "6", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out),
     ])
     _check_common(payload, out, "capture_overhead")
-    assert set(payload["variants"]) == {"plain", "capture_prompt", "capture_token"}
+    assert set(payload["variants"]) == {"plain", "capture_forward", "capture_gram"}
     for variant in payload["variants"].values():
         for clock in ("wall", "cpu"):
             assert len(variant[clock]["seconds"]) == 1
@@ -62,10 +62,10 @@ def test_capture_overhead(tmp_path):
     assert payload["variants"]["plain"]["wall"]["throughput_vs_plain"] == 1.0
     assert payload["headline_clock"] == "cpu"  # one thread: CPU time stands for the idle-machine wall time
     assert _finite_positive(payload["capture_over_plain"])
-    assert 0 < payload["variants"]["capture_prompt"]["hook_only_estimate"] <= 1
+    assert 0 < payload["variants"]["capture_forward"]["hook_only_estimate"] <= 1
     settings = payload["settings"]
     assert (settings["num_layers"], settings["intermediate_size"], settings["hidden_size"]) == (1, 4864, 896)
-    assert payload["stats_bytes"] == 3 * 1 * 4864 * 8 + 2 * 8  # three float64 (L, d_ff) sums and two counters
+    assert payload["stats_bytes"] == 10 * 1 * 4864 * 8 + 4 * 8  # per group five float64 (L, d_ff) sums, 2 counters
 
 
 def test_stats_memory(tmp_path):
@@ -77,13 +77,13 @@ def test_stats_memory(tmp_path):
     _check_common(payload, out, "stats_memory")
     rows = {row["prompts"]: row for row in payload["per_prompts"]}
     assert set(rows) == {2, 4}
-    assert rows[2]["stats_bytes"] == rows[4]["stats_bytes"] == 3 * 4864 * 8 + 16  # independent of N
+    assert rows[2]["stats_bytes"] == rows[4]["stats_bytes"] == 10 * 4864 * 8 + 32  # independent of N
     assert all(row["capture_growth_bytes"] >= 0 for row in rows.values())
     assert all(run["samples_counted"] == run["prompts"] for run in payload["runs"])
     paper = {row["model"]: row for row in payload["paper_comparison"]}
     assert paper["Qwen2.5-7b"]["paper_bytes"] == 3200 * 28 * 18944 * 4
-    assert paper["Qwen2.5-1.5b"]["ours_stats_bytes"] == 3 * 28 * 8960 * 8 + 16
-    assert 500 < paper["Qwen2.5-1.5b"]["paper_over_ours_stats"] < 540  # N * 4 bytes / (3 * 8 bytes)
+    assert paper["Qwen2.5-1.5b"]["ours_stats_bytes"] == 10 * 28 * 8960 * 8 + 32
+    assert 155 < paper["Qwen2.5-1.5b"]["paper_over_ours_stats"] < 165  # N * 4 bytes / (10 * 8 bytes)
     assert payload["logits_check"] == []
 
 
@@ -136,3 +136,30 @@ def test_pipeline_sends_outputs_to_workdir(tmp_path):
     pairs = dict(zip(overrides[::2], overrides[1::2]))
     assert pairs["--trainer.default_root_dir"] == str(tmp_path)
     assert pairs["--model.export_dir"] == str(tmp_path / "export")
+
+
+def test_compensate_time(tmp_path):
+    out = tmp_path / "compensate.json"
+    payload = _load("compensate_time").main(["--model", "1.5b", "--width", "256", "--ratios", "0.5", "--threads", "1",
+                                             "--out", str(out)])
+    _check_common(payload, out, "compensate_time")
+    (result,) = payload["results"]
+    assert result["kept_width"] == 128 and payload["settings"]["num_layers"] == 28
+    assert _finite_positive(result["compensated_per_layer_s"])
+    assert result["compensated_model_s"] == pytest.approx(28 * result["compensated_per_layer_s"])
+
+
+def test_criteria_nll(tmp_path):
+    from lit_prune.tiny import save_tiny_model
+
+    tiny_dir = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "criteria.json"
+    payload = _load("criteria_nll").main(["--model", str(tiny_dir), "--ratios", "0.5", "--variants",
+                                          "compensated,wanda_sp,energy+refit,paper", "--multiple-of", "32",
+                                          "--capture", "4", "--eval", "3", "--max-length", "64", "--threads", "1",
+                                          "--out", str(out)])
+    _check_common(payload, out, "criteria_nll")
+    assert {r["variant"] for r in payload["results"]} == {"compensated", "wanda_sp", "energy+refit", "paper"}
+    assert all(r["kept_width"] == 128 and math.isfinite(r["delta_target"]) for r in payload["results"])
+    assert payload["headline"]["0.5"]["best_peer"] == "wanda_sp"
+    assert set(payload["capture_s"]) == {"response", "prompt"}

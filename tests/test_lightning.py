@@ -15,7 +15,15 @@ from lit_prune.callbacks import ActivationCaptureCallback, SelectivityPruneCallb
 from lit_prune.cli import cli_main
 from lit_prune.data import PruneDataModule
 from lit_prune.module import LoraSettings, PrunableCausalLM
-from lit_prune.pruning import NeuronStats, PrunePlan, find_swiglu_mlps, make_plan, model_fingerprint, selectivity
+from lit_prune.pruning import (
+    NeuronStats,
+    PrunePlan,
+    PruneSpec,
+    find_swiglu_mlps,
+    make_plan,
+    model_fingerprint,
+    selectivity,
+)
 from lit_prune.tiny import make_tiny_model, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +120,7 @@ def test_callbacks_in_an_existing_lightning_project(tmp_path):
     # The optimizer was built after slicing: it holds exactly the sliced model's parameters.
     assert {id(p) for p in trainer.optimizers[0].param_groups[0]["params"]} == {id(p) for p in module.parameters()}
     assert PrunePlan.load(tmp_path / "plan.json").kept_indices == prune.plan.kept_indices
-    assert int(capture.stats.target_count) == 2
+    assert int(capture.stats.count("target")) == 2
 
 
 def test_capture_errors(tmp_path):
@@ -122,7 +130,7 @@ def test_capture_errors(tmp_path):
         ActivationCaptureCallback(aggregation="mean")
     with pytest.raises(ValueError, match=r"`ratio`.*\(0, 1\); got 1.5"):
         SelectivityPruneCallback(1.5)
-    with pytest.raises(ValueError, match="`mode` must be one of"):
+    with pytest.raises(ValueError, match="`criterion` must be one of"):
         SelectivityPruneCallback(0.2, mode="wanda")
     with pytest.raises(ValueError, match="`multiple_of`"):
         SelectivityPruneCallback(0.2, multiple_of=0)
@@ -336,7 +344,7 @@ def test_cached_statistics_are_reused_only_for_the_same_weights_and_prompts(tmp_
     saved = stats_path.stat().st_mtime_ns
     again, _ = _capture_with_cache(tmp_path, tiny_dir, stats_path)  # same weights and prompts: loaded
     assert stats_path.stat().st_mtime_ns == saved
-    torch.testing.assert_close(again.target_sum, first.target_sum, rtol=0, atol=0)
+    torch.testing.assert_close(again["target.abs_sum"], first["target.abs_sum"], rtol=0, atol=0)
 
     # The same folder retrained in place: other weights under the same path.
     retrained = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -351,12 +359,20 @@ def test_cached_statistics_are_reused_only_for_the_same_weights_and_prompts(tmp_
     with pytest.warns(UserWarning, match=r"captured on other weights .*capturing again"):
         fresh, module = _capture_with_cache(tmp_path, str(tmp_path / "retrained"), tmp_path / "stale.pt")
     assert fresh.metadata["model_fingerprint"] == model_fingerprint(module.model) != first.metadata["model_fingerprint"]
-    assert not torch.equal(fresh.target_sum, first.target_sum)
+    assert not torch.equal(fresh["target.abs_sum"], first["target.abs_sum"])
     assert NeuronStats.load(tmp_path / "stale.pt").metadata["model_fingerprint"] == fresh.metadata["model_fingerprint"]
 
-    shutil.copy(stats_path, tmp_path / "other-aggregation.pt")
-    with pytest.warns(UserWarning, match=r"aggregated per prompt, this callback aggregates per token"):
-        _capture_with_cache(tmp_path, tiny_dir, tmp_path / "other-aggregation.pt", aggregation="token")
+    shutil.copy(stats_path, tmp_path / "other-tokens.pt")
+    with pytest.warns(UserWarning, match=r"captured on prompt tokens, this run asks for response"):
+        _capture_with_cache(tmp_path, tiny_dir, tmp_path / "other-tokens.pt", capture="response")
+    shutil.copy(stats_path, tmp_path / "no-gram.pt")
+    with pytest.warns(UserWarning, match=r"hold no gram statistics"):
+        again, _ = _capture_with_cache(tmp_path, tiny_dir, tmp_path / "no-gram.pt", gram=True)
+    assert again.has_gram
+    # A torn cache file is captured again (with a warning that names it), not a bare EOFError.
+    (tmp_path / "torn.pt").write_bytes(stats_path.read_bytes()[:64])
+    with pytest.warns(UserWarning, match=r"torn.pt.*cannot be read.*capturing again"):
+        _capture_with_cache(tmp_path, tiny_dir, tmp_path / "torn.pt")
 
 
 def test_reference_outputs_key_names_the_weights(tmp_path, tiny_dir):
@@ -372,7 +388,7 @@ def test_reference_outputs_key_names_the_weights(tmp_path, tiny_dir):
     assert changed._reference_key("qna")["weights"] != key["weights"]
     # A pruned model is compared with the weights its plan was made from.
     stats, module = _capture_with_cache(tmp_path, tiny_dir, tmp_path / "stats.pt")
-    plan = make_plan(stats, 0.25, multiple_of=32)
+    plan = make_plan(module.model, stats, PruneSpec(0.25, "selective", multiple_of=32, capture="prompt")).plan
     plan.apply(module.model)
     module.set_prune_plan(plan)
     assert module._reference_key("qna")["weights"] == key["weights"]
@@ -382,7 +398,7 @@ def test_reference_outputs_key_names_the_weights(tmp_path, tiny_dir):
 def test_ddp_spawn_matches_one_process(tmp_path, tiny_dir, equal_length_data):
     one_stats, one_plan, one_adapters = _ddp_run(tmp_path / "one", tiny_dir, equal_length_data, 1, 4)
     two_stats, two_plan, two_adapters = _ddp_run(tmp_path / "two", tiny_dir, equal_length_data, 2, 2)
-    assert int(two_stats.target_count) == int(one_stats.target_count) == 12
+    assert int(two_stats.count("target")) == int(one_stats.count("target")) == 12
     for a, b in zip(one_stats.tensors(), two_stats.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (selectivity(one_stats) - selectivity(two_stats)).abs().max() < 1e-4
@@ -423,3 +439,126 @@ def test_prune_only_then_recovery_only(tmp_path, tiny_dir):
     assert cli.trainer.global_step == 4
     card = json.loads((recovered / "lit_prune.json").read_text())
     assert card["pruning"]["kept_width"] == 192 and card["lora"]["r"] == 4  # the plan's provenance survives
+
+
+def _resume_cli(tmp_path, tiny_dir, max_steps, *extra):
+    """`python -m lit_prune fit` on the tiny config with last-checkpointing into tmp_path/ckpt."""
+    config = tmp_path / "resume.yaml"
+    config.write_text(f"""
+trainer:
+  max_steps: {max_steps}
+  enable_checkpointing: true
+  limit_val_batches: 0
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lit_prune.callbacks.ActivationCaptureCallback
+      init_args: {{batch_size: 8, max_length: 128, progress: false}}
+    - class_path: lit_prune.callbacks.SelectivityPruneCallback
+      init_args: {{ratio: 0.25, multiple_of: 32}}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {tmp_path / 'ckpt'}, save_last: true, every_n_train_steps: 1}}
+model:
+  export_dir: null
+data:
+  target: {GSM8K}
+  distractors: [{SQUAD}, {DIALOG}]
+  finetune: {GSM8K}
+  val_samples: 0
+""")
+    return cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(config),
+                     f"--model.model_name_or_path={tiny_dir}", *extra])
+
+
+@pytest.mark.parametrize("spelling", ["last", "path"])
+def test_every_cli_resume_spelling_replays_the_plan_without_capturing(tmp_path, tiny_dir, spelling):
+    first = _resume_cli(tmp_path, tiny_dir, 2)
+    plan = first.model.prune_plan
+    assert plan.criterion == "compensated" and plan.refit
+    ckpt = "last" if spelling == "last" else str(tmp_path / "ckpt" / "last.ckpt")
+    resumed = _resume_cli(tmp_path, tiny_dir, 4, f"--ckpt_path={ckpt}")
+    capture = next(c for c in resumed.trainer.callbacks if isinstance(c, ActivationCaptureCallback))
+    assert capture.stats is None  # replayed from the checkpoint: no capture
+    assert resumed.trainer.global_step == 4
+    assert resumed.model.prune_plan.kept_indices == plan.kept_indices
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["lit_prune"]) == {"plan"}  # one key, one copy of the plan
+    assert not any("plan" in str(v) for v in checkpoint.get("callbacks", {}).values())
+
+
+def test_a_missing_resume_checkpoint_fails_before_capture(tmp_path, tiny_dir):
+    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`='.*nope.ckpt' does not exist"):
+        _resume_cli(tmp_path, tiny_dir, 2, f"--ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_already_pruned_export_is_not_pruned_again_silently(tmp_path, tiny_dir):
+    pruned = tmp_path / "pruned"
+    cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--config",
+              str(ROOT / "configs" / "prune-only-tiny.yaml"), f"--model.model_name_or_path={tiny_dir}",
+              f"--model.export_dir={pruned}", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", f"--data.target={GSM8K}", f"--data.distractors=[{SQUAD}, {DIALOG}]"])
+    with pytest.raises(ValueError, match=r"already pruned \(compensated, kept width 192 of 256.*callbacks null"):
+        cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--config",
+                  str(ROOT / "configs" / "prune-only-tiny.yaml"), f"--model.model_name_or_path={pruned}",
+                  f"--model.export_dir={tmp_path / 'again'}", f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.enable_progress_bar=false",
+                  f"--data.target={GSM8K}", f"--data.distractors=[{SQUAD}, {DIALOG}]"])
+
+
+def test_stats_path_of_other_weights_is_refused(tmp_path, tiny_dir):
+    stats, _ = _capture_with_cache(tmp_path, tiny_dir, tmp_path / "stats.pt")
+    save_tiny_model(tmp_path / "other", seed=7)
+    module = PrunableCausalLM(str(tmp_path / "other"))
+    trainer = _trainer([SelectivityPruneCallback(0.25, "selective", multiple_of=32, stats_path=str(tmp_path / "stats.pt"))],
+                       tmp_path)
+    trainer.strategy.connect(module)
+    with pytest.raises(ValueError, match=r"`stats_path`=.*other weights"):
+        trainer.callbacks[0].prune(trainer, module)
+
+
+def _a_file(folder):
+    path = folder / "not-a-folder"
+    path.write_text("x")
+    return path
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda tmp: ActivationCaptureCallback("What is 2 plus 3?", ["Hello"]), r"`target_prompts` must be a list"),
+    (lambda tmp: ActivationCaptureCallback(["a"], ["b"], target_responses=["x", "y"]), "one response per"),
+    (lambda tmp: ActivationCaptureCallback(stats_path=str(tmp)), r"`stats_path`=.* is a directory"),
+    (lambda tmp: SelectivityPruneCallback(0.2, seed=None), "`seed`"),
+    (lambda tmp: SelectivityPruneCallback(0.2, seed="abc"), "`seed`"),
+    (lambda tmp: SelectivityPruneCallback(0.2, criterion="compensated", mode="selective"), "disagree"),
+    (lambda tmp: SelectivityPruneCallback(0.2, plan_path=str(_a_file(tmp) / "plan.json")),
+     r"`plan_path`=.*cannot be written"),
+])
+def test_bad_callback_arguments_fail_when_built(tmp_path, make, match):
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path)
+
+
+def test_bad_settings_fail_before_capture(tmp_path, tiny_dir):
+    module = PrunableCausalLM(tiny_dir)
+    capture = ActivationCaptureCallback(target_prompts=["a b c"], distractor_prompts=["d e f"])
+    for prune, match in ((SelectivityPruneCallback(0.25, multiple_of=512), r"`multiple_of`.*d_ff=256.*512"),
+                         (SelectivityPruneCallback(0.25, "taylor", multiple_of=32), None)):
+        trainer = _trainer([ActivationCaptureCallback(target_prompts=["a b c"], distractor_prompts=["d e f"],
+                                                      gradients=False), prune], tmp_path)
+        trainer.strategy.connect(module)
+        with pytest.raises(ValueError, match=match or r"gradients=False\) but \['taylor'\] need"):
+            trainer.callbacks[0].ensure_stats(trainer, module)
+        assert trainer.callbacks[0].stats is None
+    del capture
+
+
+def test_a_foreign_prune_plan_in_a_dense_folder_is_refused(tmp_path, tiny_dir):
+    import shutil
+
+    stats, module = _capture_with_cache(tmp_path, tiny_dir, tmp_path / "stats.pt")
+    plan = make_plan(module.model, stats, PruneSpec(0.25, "selective", multiple_of=32, capture="prompt")).plan
+    dense = tmp_path / "dense"
+    shutil.copytree(tiny_dir, dense)
+    plan.save(dense)
+    with pytest.raises(ValueError, match=r"prune_plan.json' says the model keeps 192 of 256.*width \[256\]"):
+        PrunableCausalLM(str(dense))

@@ -14,12 +14,19 @@ from lit_prune.pruning import (
     PrunePlan,
     find_swiglu_mlps,
     kept_width,
+    PruneSpec,
+    StatsFileError,
     make_plan,
     selectivity,
     slice_model,
 )
 from lit_prune.pruning import stats as stats_module
-from lit_prune.pruning.stats import AGGREGATIONS
+
+
+def _plan(model, stats, ratio, criterion="selective", **settings):
+    """The one pruning path, as the callbacks and the sweep call it."""
+    settings.setdefault("aggregation", "prompt")
+    return make_plan(model, stats, PruneSpec(ratio, criterion, **settings)).plan
 
 # The paper's Table 2: nominal ratio -> exact ratio (%) for Qwen 7B (d_ff 18,944) and 1.5B (d_ff 8,960).
 TABLE_2 = {
@@ -149,24 +156,25 @@ def test_streaming_selectivity_matches_paper_formula(tiny_qwen2):
     a_target, a_distractor = _stored_activations(tiny_qwen2, target), _stored_activations(tiny_qwen2, distractor)
     pooled = torch.cat([a_target, a_distractor])
     expected = (a_target.mean(0) - a_distractor.mean(0)) / (pooled.std(0, unbiased=True) + 1e-6)
-    assert int(stats.target_count) == 12 and int(stats.distractor_count) == 9
-    assert (selectivity(stats) - expected).abs().max() < 1e-6
+    assert int(stats.count("target")) == 12 and int(stats.count("distractor")) == 9
+    assert (selectivity(stats, "prompt") - expected).abs().max() < 1e-6
     # Hooks are gone afterwards.
     assert all(not b.down_proj._forward_pre_hooks for b in find_swiglu_mlps(tiny_qwen2))
 
 
-def test_per_token_aggregation_counts_tokens(tiny_qwen2):
-    recorder = ActivationRecorder(tiny_qwen2, aggregation="token")
+def test_one_capture_counts_prompts_and_tokens(tiny_qwen2):
+    recorder = ActivationRecorder(tiny_qwen2)
     input_ids, mask = next(_batches(0, 1))
     with recorder.recording():
         recorder.observe(tiny_qwen2, input_ids, mask, "target")
-    assert int(recorder.stats.target_count) == int(mask.sum())
+    assert int(recorder.stats.count("target", "token")) == int(mask.sum())
+    assert int(recorder.stats.count("target", "prompt")) == 3
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_capture_in_sequence_slices_equals_one_slice(tiny_qwen2, monkeypatch, aggregation):
+@pytest.mark.parametrize("gram", [False, True])
+def test_capture_in_sequence_slices_equals_one_slice(tiny_qwen2, monkeypatch, gram):
     def capture():
-        recorder = ActivationRecorder(tiny_qwen2, aggregation=aggregation)
+        recorder = ActivationRecorder(tiny_qwen2, gram=gram)
         with recorder.recording():
             for group, seed in (("target", 0), ("distractor", 1)):
                 for input_ids, mask in _batches(seed, 2):
@@ -190,7 +198,7 @@ def test_all_zero_mask_prompt_is_skipped_without_nan(tiny_qwen2):
         recorder.observe(tiny_qwen2, input_ids, mask, "target")
         recorder.observe(tiny_qwen2, input_ids, mask, "distractor")
     stats = recorder.finalize()
-    assert int(stats.target_count) == 2 and recorder.skipped_prompts == 2
+    assert int(stats.count("target")) == 2 and recorder.skipped_prompts == 2
     assert torch.isfinite(selectivity(stats)).all()
 
 
@@ -208,19 +216,18 @@ def test_empty_group_is_an_error(tiny_qwen2):
     recorder = ActivationRecorder(tiny_qwen2)
     with recorder.recording():
         recorder.observe(tiny_qwen2, torch.randint(3, 300, (2, 6)), torch.ones(2, 6, dtype=torch.long), "target")
-    with pytest.raises(ValueError, match="distractor set is empty"):
-        make_plan(recorder.stats, 0.25, multiple_of=8)
+    with pytest.raises(ValueError, match="no distractor prompts were captured"):
+        _plan(tiny_qwen2, recorder.stats, 0.25, multiple_of=8)
 
 
-def test_unknown_mode_and_group(tiny_qwen2):
-    stats = NeuronStats.zeros(2, 256)
-    with pytest.raises(ValueError, match="`mode` must be one of"):
-        make_plan(stats, 0.25, mode="magic", multiple_of=8)
+def test_unknown_criterion_and_group(tiny_qwen2):
+    with pytest.raises(ValueError, match="`criterion` must be one of"):
+        PruneSpec(0.25, "magic", multiple_of=8)
     recorder = ActivationRecorder(tiny_qwen2)
     with pytest.raises(ValueError, match="`group`"):
         recorder.observe(tiny_qwen2, torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), "other")
     with pytest.raises(ValueError, match="`aggregation`"):
-        ActivationRecorder(tiny_qwen2, aggregation="layer")
+        PruneSpec(0.25, "selective", aggregation="layer")
 
 
 def _captured_stats(model):
@@ -243,6 +250,13 @@ def test_stats_save_load_and_shape_mismatch(tmp_path, tiny_qwen2):
         loaded.check_compatible(other)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         NeuronStats.load(tmp_path / "missing.pt")
+    # A torn or empty file names itself instead of a bare EOFError.
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(path.read_bytes()[:100])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("torn.pt", "empty.pt"):
+        with pytest.raises(StatsFileError, match=name):
+            NeuronStats.load(tmp_path / name)
 
 
 def test_stats_merge_by_addition(tiny_qwen2):
@@ -259,24 +273,26 @@ def test_stats_merge_by_addition(tiny_qwen2):
     torch.testing.assert_close(selectivity(merged), selectivity(whole))
 
 
-@pytest.mark.parametrize("mode", ["selective", "reverse", "random", "target_mean"])
-def test_plan_modes_and_round_trip(tmp_path, tiny_qwen2, mode):
+@pytest.mark.parametrize("mode", ["selective", "reverse", "random", "target_mean", "magnitude", "wanda_sp", "flap",
+                                  "minitron", "energy"])
+def test_plan_criteria_and_round_trip(tmp_path, tiny_qwen2, mode):
     stats = _captured_stats(tiny_qwen2)
-    plan = make_plan(stats, 0.3, mode=mode, multiple_of=16, seed=33, provenance={"model": "tiny"})
+    plan = make_plan(tiny_qwen2, stats, PruneSpec(0.3, mode, multiple_of=16, seed=33),
+                     provenance={"model": "tiny"}).plan
     assert plan.kept_width == 176 and plan.exact_ratio == pytest.approx(0.3125)
     assert all(k == sorted(set(k)) for k in plan.kept_indices)
     again = PrunePlan.load(plan.save(tmp_path))
-    assert again.kept_indices == plan.kept_indices and again.mode == mode and again.provenance["model"] == "tiny"
+    assert again.kept_indices == plan.kept_indices and again.criterion == mode and again.provenance["model"] == "tiny"
     if mode == "random":
-        assert make_plan(stats, 0.3, mode=mode, multiple_of=16, seed=33).kept_indices == plan.kept_indices
-        assert make_plan(stats, 0.3, mode=mode, multiple_of=16, seed=42).kept_indices != plan.kept_indices
+        assert _plan(tiny_qwen2, stats, 0.3, mode, multiple_of=16, seed=33).kept_indices == plan.kept_indices
+        assert _plan(tiny_qwen2, stats, 0.3, mode, multiple_of=16, seed=42).kept_indices != plan.kept_indices
 
 
 def test_selective_and_reverse_are_complementary_extremes(tiny_qwen2):
     stats = _captured_stats(tiny_qwen2)
     scores = selectivity(stats)
-    selective = make_plan(stats, 0.5, "selective", multiple_of=1)
-    reverse = make_plan(stats, 0.5, "reverse", multiple_of=1)
+    selective = _plan(tiny_qwen2, stats, 0.5, "selective", multiple_of=1)
+    reverse = _plan(tiny_qwen2, stats, 0.5, "reverse", multiple_of=1)
     for layer in range(2):
         kept_scores = scores[layer, selective.kept_indices[layer]]
         dropped = torch.ones(256, dtype=torch.bool)
@@ -286,13 +302,14 @@ def test_selective_and_reverse_are_complementary_extremes(tiny_qwen2):
 
 
 def test_plan_rejects_wrong_model(tiny_qwen2):
-    plan = make_plan(_captured_stats(tiny_qwen2), 0.25, multiple_of=8, provenance={"model": "tiny-a"})
+    plan = make_plan(tiny_qwen2, _captured_stats(tiny_qwen2), PruneSpec(0.25, "selective", multiple_of=8),
+                     provenance={"model": "tiny-a"}).plan
     with pytest.raises(ValueError, match=r"tiny-a.*2 layers x d_ff 256.*3 layers x d_ff 256"):
         plan.apply(make_tiny_qwen2(num_hidden_layers=3))
 
 
 def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, tiny_qwen2):
-    plan = make_plan(_captured_stats(tiny_qwen2), 0.25, multiple_of=8)
+    plan = _plan(tiny_qwen2, _captured_stats(tiny_qwen2), 0.25, multiple_of=8)
     plan.apply(tiny_qwen2)
     tiny_qwen2.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

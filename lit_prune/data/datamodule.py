@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from typing_extensions import override
 
 from lit_prune.data.prompts import format_prompt
-from lit_prune.data.sources import Example, load_examples
+from lit_prune.data.sources import Example, load_examples, load_texts
 
-__all__ = ["EpochShuffleSampler", "PruneDataModule", "ShardedBatches", "SupervisedCollator", "tokenize_supervised"]
+__all__ = ["EpochShuffleSampler", "PruneDataModule", "ResumableDataLoader", "ShardedBatches", "SupervisedCollator",
+           "tokenize_supervised"]
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,24 @@ class SupervisedCollator:
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on ``(seed, epoch)``, drawn as ``torch.utils.data.DistributedSampler`` does.
+    """A permutation that depends only on ``(seed, epoch)``, drawn as ``torch.utils.data.DistributedSampler`` does,
+    that can start part-way through an epoch.
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed at an epoch boundary
     sees exactly the order an uninterrupted run would have seen (a plain ``RandomSampler`` draws from
     the global RNG, which checkpoints do not restore). Under DDP Lightning swaps in a
     ``DistributedSampler`` (seed 0 unless set), whose global batches are the same permutation.
+
+    Within an epoch the position is the loader's to count (a loader with workers draws indices ahead of
+    what it delivers): :class:`ResumableDataLoader` saves it and calls :meth:`load_state_dict`, after which
+    the next pass over the saved epoch skips the indices already delivered.
     """
 
-    def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
+    def __init__(self, length: int, seed: int, shuffle: bool = True) -> None:
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+        self.start = 0  # where the last pass began in the order of its epoch
+        self._pass_epoch: int | None = None  # the epoch of the last pass begun
+        self._resume: tuple[int, int] | None = None  # (epoch, start) from a checkpoint, until a pass uses it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -73,9 +82,80 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.length
 
+    def order(self, epoch: int) -> list[int]:
+        """Every index of ``epoch``, in the order it is drawn."""
+        if not self.shuffle:
+            return list(range(self.length))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.length, generator=generator).tolist()
+
+    def _next_start(self) -> int:
+        return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        self.start, self._pass_epoch, self._resume = self._next_start(), self.epoch, None
+        return iter(self.order(self.epoch)[self.start:])
+
+    @property
+    def in_pass(self) -> bool:
+        """True once the pass over the current ``epoch`` has begun (False between ``set_epoch`` and its first index)."""
+        return self._pass_epoch == self.epoch
+
+    def state_dict(self) -> dict:
+        """Where the pass over ``epoch`` begins: ``epoch``, ``start``, plus ``seed``, ``length`` and ``shuffle`` to
+        check on loading."""
+        start = self.start if self.in_pass else self._next_start()
+        return {"epoch": self.epoch, "start": start, "seed": self.seed, "length": self.length,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Start the next pass over ``state_dict["epoch"]`` at index ``state_dict["start"]`` of its order.
+
+        A state saved for another data set (length, seed or shuffle differ) is ignored with a warning: the epoch
+        then starts from its beginning, as it would with a loader that cannot resume.
+        """
+        saved = {k: state_dict.get(k) for k in ("seed", "length", "shuffle")}
+        current = {"seed": self.seed, "length": self.length, "shuffle": self.shuffle}
+        if saved != current:
+            log.warning("the checkpoint's fine-tune order was saved for %s but this run has %s: the resumed epoch "
+                        "starts from its first batch", saved, current)
+            return
+        self.epoch = int(state_dict["epoch"])
+        self._resume = (self.epoch, int(state_dict["start"]))
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochShuffleSampler` whose position within an epoch survives a checkpoint.
+
+    Lightning saves ``state_dict()`` of every train loader that has one (``_Stateful``) under
+    ``loops.fit_loop.state_dict.combined_loader`` and calls ``load_state_dict`` before the resumed epoch
+    starts, so a checkpoint saved in the middle of an epoch resumes at the next batch. The count is of
+    batches *delivered* (Lightning does not prefetch from loaders with a length), not of indices drawn,
+    which workers do ahead. Hand-written because torchdata's ``StatefulDataLoader`` would be a new
+    dependency for one counter; under DDP Lightning replaces the sampler, and the plain ``DataLoader`` is used.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochShuffleSampler) or self.batch_size is None:
+            raise ValueError("ResumableDataLoader needs `sampler=EpochShuffleSampler(...)` and a `batch_size`")
+        self._delivered = 0  # batches handed out in the current pass
+
+    def __iter__(self):
+        self._delivered = 0
+        for batch in super().__iter__():
+            self._delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """The sampler's state, with ``start`` moved past every batch delivered so far in this epoch's pass."""
+        state = self.sampler.state_dict()
+        if self.sampler.in_pass:  # else a new epoch is set and nothing of it delivered yet
+            state["start"] = min(self.sampler.length, state["start"] + self._delivered * self.batch_size)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sampler.load_state_dict(state_dict)
 
 
 class ShardedBatches(IterableDataset):
@@ -125,6 +205,10 @@ class PruneDataModule(L.LightningDataModule):
         eval_dialogue: str | None = None,
         eval_samples: int | None = None,
         eval_batch_size: int = 8,
+        eval_ppl_target: str | list[str] | None = None,
+        eval_ppl_distractors: str | list[str] | None = None,
+        eval_ppl_general: str | list[str] | None = None,
+        eval_ppl_samples: int | None = None,
     ) -> None:
         """
         Args:
@@ -135,7 +219,7 @@ class PruneDataModule(L.LightningDataModule):
             finetune: Source(s) of prompt/response pairs for LoRA recovery (None: no fine-tune set).
             finetune_samples: Fine-tune examples to use (all when None).
             val_samples: Fine-tune examples held out for validation loss (0 turns validation off).
-            max_length: Longest token sequence for capture and fine-tuning; longer ones are cut.
+            max_length: Longest token sequence for capture, fine-tuning and perplexity; longer ones are cut.
             batch_size: Fine-tune micro-batch size per device.
             shuffle: Shuffle the fine-tune set every epoch (seeded by ``seed`` and the epoch).
             num_workers: DataLoader worker processes.
@@ -145,7 +229,14 @@ class PruneDataModule(L.LightningDataModule):
             eval_qna: Test source of QnA distractor prompts (scored against the original model's outputs).
             eval_dialogue: Test source of dialogue distractor prompts.
             eval_samples: Examples per evaluation source (all when None).
-            eval_batch_size: Prompts per generation batch in ``trainer.test``.
+            eval_batch_size: Prompts per generation batch in ``trainer.test`` (and texts per perplexity batch).
+            eval_ppl_target: Source(s) of target prompts with reference responses (e.g. the GSM8K test file): their
+                teacher-forced NLL/PPL on the response tokens, the prompt in the generation chat template.
+            eval_ppl_distractors: Source(s) of distractor prompts with responses (DailyDialog next turns, SQuAD
+                answers), scored the same way.
+            eval_ppl_general: Source(s) of plain text (SQuAD paragraphs, a ``.txt`` file), scored without template.
+            eval_ppl_samples: Examples per perplexity source (all when None); prompt + response longer than
+                ``max_length`` tokens are left out, plain texts are cut at ``max_length``.
 
         Raises:
             ValueError: If a count is out of range or no target/distractor source is given.
@@ -169,6 +260,11 @@ class PruneDataModule(L.LightningDataModule):
             raise ValueError(f"`eval_batch_size` must be >= 1; got {eval_batch_size}")
         if eval_samples is not None and eval_samples < 1:
             raise ValueError(f"`eval_samples` must be >= 1 or None; got {eval_samples}")
+        if eval_ppl_samples is not None and eval_ppl_samples < 1:
+            raise ValueError(f"`eval_ppl_samples` must be >= 1 or None; got {eval_ppl_samples}")
+        self.eval_ppl_sources = {name: [value] if isinstance(value, str) else list(value or []) for name, value in (
+            ("target", eval_ppl_target), ("distractor", eval_ppl_distractors), ("general", eval_ppl_general))}
+        self.eval_ppl_samples = eval_ppl_samples
         self.eval_sources = {"math": eval_math, "code": eval_code, "qna": eval_qna, "dialogue": eval_dialogue}
         self.eval_samples = eval_samples
         self.eval_batch_size = eval_batch_size
@@ -186,6 +282,8 @@ class PruneDataModule(L.LightningDataModule):
         self._train: list[dict] | None = None
         self._val: list[dict] | None = None
         self._tokenizer = None
+        self._train_loader: DataLoader | None = None
+        self._train_loader_state: dict | None = None  # from a checkpoint, for the next train loader
 
     def capture_examples(self) -> dict[str, list[Example]]:
         """Target and distractor examples, ``capture_samples`` from each source (loaded once)."""
@@ -202,6 +300,11 @@ class PruneDataModule(L.LightningDataModule):
         return {group: [format_prompt(tokenizer, e) for e in examples]
                 for group, examples in self.capture_examples().items()}
 
+    def capture_texts(self, tokenizer) -> dict[str, list[tuple[str, str | None]]]:
+        """Per group, ``(formatted prompt, reference response or None)`` pairs, for capture on responses."""
+        return {group: [(format_prompt(tokenizer, e), e.response or None) for e in examples]
+                for group, examples in self.capture_examples().items()}
+
     def eval_batches(self) -> list[dict]:
         """Single-task batches of the evaluation sets: ``task``, ``id``, ``prompt``, ``reference``, ``problem``."""
         batches = []
@@ -213,10 +316,36 @@ class PruneDataModule(L.LightningDataModule):
                 chunk = items[start:start + self.eval_batch_size]
                 batches.append({"task": task, **{k: [item[k] for item in chunk]
                                                  for k in ("id", "prompt", "reference", "problem")}})
+        batches += self.perplexity_batches()
         if not batches:
             raise ValueError("no evaluation data: set at least one of `data.eval_math`, `eval_code`, `eval_qna`, "
-                             "`eval_dialogue`")
+                             "`eval_dialogue`, `eval_ppl_target`, `eval_ppl_distractors`, `eval_ppl_general`")
         return batches
+
+    def perplexity_batches(self) -> list[dict]:
+        """Batches of task ``perplexity``: ``set`` (``target``, ``distractor`` or ``general``), ``max_length`` and
+        per text ``id``, ``prompt`` (None for plain text), ``response`` and ``kind``; sorted by length within a set."""
+        batches = []
+        for name, sources in self.eval_ppl_sources.items():
+            items = [item for source in sources for item in self._ppl_items(name, source)]
+            items.sort(key=lambda item: len(item["prompt"] or "") + len(item["response"]))  # less padding
+            for start in range(0, len(items), self.eval_batch_size):
+                chunk = items[start:start + self.eval_batch_size]
+                batches.append({"task": "perplexity", "set": name, "max_length": self.max_length,
+                                **{k: [item[k] for item in chunk] for k in ("id", "prompt", "response", "kind")}})
+        return batches
+
+    def _ppl_items(self, name: str, source: str) -> list[dict]:
+        if name == "general":
+            return [{"id": _example_id("ppl-general", text), "prompt": None, "response": text, "kind": "text"}
+                    for text in load_texts(source, limit=self.eval_ppl_samples, seed=self.seed)]
+        examples = [e for e in load_examples(source, split="test", limit=self.eval_ppl_samples, seed=self.seed)
+                    if e.response]
+        if not examples:
+            raise ValueError(f"`data.eval_ppl_{'target' if name == 'target' else 'distractors'}` source {source!r} "
+                             "has no examples with a reference response")
+        return [{"id": _example_id(f"ppl-{name}", f"{e.prompt}\n{e.response}"), "prompt": e.prompt,
+                 "response": e.response, "kind": e.kind} for e in examples]
 
     def _eval_items(self, task: str, source: str) -> list[dict]:
         if task == "code":
@@ -268,14 +397,19 @@ class PruneDataModule(L.LightningDataModule):
         self._val, self._train = rows[: self.val_samples], rows[self.val_samples:]
         log.info("fine-tune set: %d train, %d validation examples", len(self._train), len(self._val))
 
-    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
+    def _loader(self, rows: list[dict], shuffle: bool, train: bool = False) -> DataLoader:
         distributed = self.trainer is not None and self.trainer.world_size > 1
-        if shuffle and distributed:
-            # Lightning replaces a shuffling loader's sampler with DistributedSampler, itself seeded by epoch.
-            return DataLoader(rows, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+        if distributed:
+            # Lightning gives the loader a DistributedSampler (seeded by epoch when shuffling), which cannot resume
+            # mid-epoch: Lightning warns when such a run resumes from a mid-epoch checkpoint.
+            return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                               collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
-        sampler = EpochShuffleSampler(len(rows), self.seed) if shuffle else None
-        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+        if train:
+            return ResumableDataLoader(rows, batch_size=self.batch_size,
+                                       sampler=EpochShuffleSampler(len(rows), self.seed, shuffle=shuffle),
+                                       num_workers=self.num_workers,
+                                       collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
+        return DataLoader(rows, batch_size=self.batch_size, num_workers=self.num_workers,
                           collate_fn=SupervisedCollator(self.tokenizer.pad_token_id))
 
     @override
@@ -286,7 +420,26 @@ class PruneDataModule(L.LightningDataModule):
             return []
         if self._train is None:
             self._build_finetune()
-        return self._loader(self._train, shuffle=self.shuffle)
+        self._train_loader = self._loader(self._train, shuffle=self.shuffle, train=True)
+        if self._train_loader_state is not None and isinstance(self._train_loader, ResumableDataLoader):
+            self._train_loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        return self._train_loader
+
+    # The train loader's position is saved twice: by Lightning's fit loop (the loader is `_Stateful`) and here.
+    # Lightning loads the loader states only when it builds the loader after restoring the fit loop; a
+    # `configure_optimizers` that reads `trainer.estimated_stepping_batches` (the cosine schedule) builds it
+    # earlier, and the fit loop's copy is then never loaded (Lightning issue #20550). The datamodule's state is
+    # restored before either, so the loader gets its position in both orders; loading it twice is harmless.
+    @override
+    def state_dict(self) -> dict:
+        if isinstance(self._train_loader, ResumableDataLoader):
+            return {"train_loader": self._train_loader.state_dict()}
+        return {}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
 
     @override
     def val_dataloader(self) -> DataLoader | list:

@@ -1,12 +1,15 @@
-"""The method itself, in plain torch: find SwiGLU MLPs, stream statistics, score, plan and slice."""
+"""The method itself, in plain torch: find SwiGLU MLPs, stream statistics, score, plan, re-fit and slice."""
 
-from lit_prune.pruning.importance import CRITERIA, compute_scores, selectivity
-from lit_prune.pruning.plan import PLAN_FILENAME, PrunePlan, kept_width, make_plan, validate_ratio
+from lit_prune.pruning.compensate import damped_gram, obs_select, refit_down
+from lit_prune.pruning.engine import CAPTURE_TOKENS, DEFAULT_CRITERION, PruneResult, PruneSpec, make_plan
+from lit_prune.pruning.importance import CRITERIA, Criterion, compute_scores, get_criterion, selectivity
+from lit_prune.pruning.plan import PLAN_FILENAME, PrunePlan, kept_width, read_checkpoint_plan, validate_ratio
 from lit_prune.pruning.stats import (
     AGGREGATIONS,
     GROUPS,
     ActivationRecorder,
     NeuronStats,
+    StatsFileError,
     model_fingerprint,
     prompt_set_hash,
 )
@@ -14,20 +17,31 @@ from lit_prune.pruning.swiglu import MLPBlock, NotSwiGLUError, find_swiglu_mlps,
 
 __all__ = [
     "AGGREGATIONS",
+    "CAPTURE_TOKENS",
     "CRITERIA",
+    "DEFAULT_CRITERION",
     "GROUPS",
     "PLAN_FILENAME",
     "ActivationRecorder",
+    "Criterion",
     "MLPBlock",
     "NeuronStats",
     "NotSwiGLUError",
     "PrunePlan",
+    "PruneResult",
+    "PruneSpec",
+    "StatsFileError",
     "compute_scores",
+    "damped_gram",
     "find_swiglu_mlps",
+    "get_criterion",
     "kept_width",
     "make_plan",
     "model_fingerprint",
+    "obs_select",
     "prompt_set_hash",
+    "read_checkpoint_plan",
+    "refit_down",
     "selectivity",
     "slice_mlp",
     "slice_model",
