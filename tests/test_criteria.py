@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import make_tiny_qwen2
+
 from lit_prune.pruning import (
     CRITERIA,
     ActivationRecorder,
@@ -90,8 +92,11 @@ def _reference_gradients(model, batches):
     return per_layer
 
 
-@pytest.fixture()
-def captured(tiny_qwen2):
+@pytest.fixture(scope="module")
+def captured():
+    """Statistics of one capture (forward, Gram, gradients) of the tiny Qwen2 model and the references' inputs;
+    shared by the tests of this module, which never modify ``make_tiny_qwen2()``'s weights in place."""
+    tiny_qwen2 = make_tiny_qwen2()
     target, distractor = list(_batches(0, 4)), list(_batches(1, 3))
     recorder = ActivationRecorder(tiny_qwen2, gram=True, gradients=True)
     with recorder.recording():
@@ -208,7 +213,7 @@ def test_compensated_plan_lowers_the_layer_output_error(tiny_qwen2, captured):
         assert error(refit) < error(plain)
         assert error(compensated) < error(plain)
     # Applying writes the re-fitted weights into the sliced model.
-    compensated.apply(tiny_qwen2)
+    compensated.apply(tiny_qwen2)  # the function-scoped fixture: a fresh copy of the same weights
     for block, weight in zip(find_swiglu_mlps(tiny_qwen2), compensated.down_weights):
         torch.testing.assert_close(block.down_proj.weight.double(), weight, rtol=1e-6, atol=1e-6)
 

@@ -23,6 +23,7 @@ def _data_args():
             "--data.eval_samples=2", "--data.capture_samples=8", "--trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow
 def test_sweep_report_is_consistent_with_the_planner(tmp_path):
     model = save_tiny_model(tmp_path / "model")
     out = tmp_path / "sweep"

@@ -470,6 +470,7 @@ data:
                      f"--model.model_name_or_path={tiny_dir}", *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["last", "path"])
 def test_every_cli_resume_spelling_replays_the_plan_without_capturing(tmp_path, tiny_dir, spelling):
     first = _resume_cli(tmp_path, tiny_dir, 2)
