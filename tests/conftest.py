@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random SwiGLU models and a tokenizer built locally (nothing is downloaded)."""
+"""Shared fixtures: tiny random SwiGLU models and a tokenizer built locally (nothing is downloaded), the paths of
+the offline data sets beside the checkout, and a fine-tune file whose rows all have the same token count."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads these once: tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +17,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from lit_prune.tiny import save_tiny_model  # noqa: E402
 from lit_prune.tokenizer import build_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+GSM8K = str(SHARED / "gsm8k" / "train.jsonl")
+SQUAD = str(SHARED / "squad" / "small-v2.json")
+DIALOG = str(SHARED / "dailydialog" / "validation.txt")
 
 _CORPUS = [
     "Tom has 12 apples and buys 7 more. How many apples does Tom have? 12 + 7 = 19. \\boxed{19}",
@@ -56,3 +66,21 @@ def tiny_qwen2():
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A Hugging Face folder with the tiny Qwen2 model and its tokenizer (``lit_prune.tiny``), one per module."""
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def equal_length_data(tmp_path_factory):
+    """Fine-tune rows that all have the same token count, so per-rank and global loss means agree."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    with path.open("w") as handle:
+        for i in range(32):
+            a, b = 10 + i, 20 + (i * 7) % 38  # two-digit sums: every row has the same token count
+            handle.write(json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"\\boxed{{{a + b}}}",
+                                     "kind": "text"}) + "\n")
+    return str(path)

@@ -27,18 +27,8 @@ from lit_prune.io import (
 )
 from lit_prune.module import PrunableCausalLM
 from lit_prune.report import write_json, write_jsonl
-from lit_prune.tiny import save_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-GSM8K = str(SHARED / "gsm8k" / "train.jsonl")
-SQUAD = str(SHARED / "squad" / "small-v2.json")
-DIALOG = str(SHARED / "dailydialog" / "validation.txt")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+from conftest import DIALOG, GSM8K, SQUAD
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -26,28 +25,7 @@ from lit_prune.pruning import (
 )
 from lit_prune.tiny import make_tiny_model, save_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-GSM8K = str(SHARED / "gsm8k" / "train.jsonl")
-SQUAD = str(SHARED / "squad" / "small-v2.json")
-DIALOG = str(SHARED / "dailydialog" / "validation.txt")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def equal_length_data(tmp_path_factory):
-    """Fine-tune rows that all have the same token count, so per-rank and global loss means agree."""
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    with path.open("w") as handle:
-        for i in range(32):
-            a, b = 10 + i, 20 + (i * 7) % 38  # two-digit sums: every row has the same token count
-            handle.write(json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"\\boxed{{{a + b}}}",
-                                     "kind": "text"}) + "\n")
-    return str(path)
+from conftest import DIALOG, GSM8K, ROOT, SQUAD
 
 
 def _datamodule(**overrides):

@@ -4,7 +4,6 @@ uninterrupted run: the fine-tune loader saves its position (``ResumableDataLoade
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,19 +14,10 @@ from lit_prune.callbacks import ActivationCaptureCallback, SelectivityPruneCallb
 from lit_prune.data import PruneDataModule
 from lit_prune.data.datamodule import EpochShuffleSampler, ResumableDataLoader
 from lit_prune.module import LoraSettings, PrunableCausalLM
-from lit_prune.tiny import save_tiny_model
+from conftest import DIALOG, GSM8K, SQUAD
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K = str(SHARED / "gsm8k" / "train.jsonl")
-SQUAD = str(SHARED / "squad" / "small-v2.json")
-DIALOG = str(SHARED / "dailydialog" / "validation.txt")
 STEPS_PER_EPOCH = 4  # 32 rows, batch 8
 TOTAL_STEPS = 7
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="module")
