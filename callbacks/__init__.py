@@ -7,5 +7,6 @@ Installed and imported as ``lit_prune.callbacks``::
 
 from lit_prune.callbacks.capture import ActivationCaptureCallback
 from lit_prune.callbacks.prune import SelectivityPruneCallback
+from lit_prune.callbacks.sparsity import WeightSparsityCallback
 
-__all__ = ["ActivationCaptureCallback", "SelectivityPruneCallback"]
+__all__ = ["ActivationCaptureCallback", "SelectivityPruneCallback", "WeightSparsityCallback"]
