@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -53,16 +54,69 @@ def applied_plan(pl_module: L.LightningModule) -> PrunePlan | None:
     return getattr(pl_module, "prune_plan", None)
 
 
-def resume_plan(trainer: L.Trainer) -> PrunePlan | None:
-    """The plan stored in the checkpoint the Trainer is about to resume from, if any.
+def resume_checkpoint(trainer: L.Trainer) -> dict | None:
+    """The checkpoint the Trainer is about to resume from (memory-mapped), if any.
 
     Lightning only tells callbacks about the checkpoint during ``setup`` when it was set with
-    ``trainer.ckpt_path = path`` before ``trainer.fit`` (the lit_prune CLI does this for ``--ckpt_path``).
+    ``trainer.ckpt_path = path`` before ``trainer.fit`` (``LitPruneTrainer.fit`` does this for its ``ckpt_path``).
     """
     path = trainer.ckpt_path
     if not path or not Path(path).is_file():
         return None
-    return read_checkpoint_plan(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def resume_plan(trainer: L.Trainer) -> PrunePlan | None:
+    """The width plan stored in the checkpoint the Trainer is about to resume from, if any."""
+    checkpoint = resume_checkpoint(trainer)
+    return None if checkpoint is None else read_checkpoint_plan(checkpoint)
+
+
+Text = tuple[str, "str | None"]
+
+
+def text_list(name: str, values: Sequence[str] | None) -> list[str] | None:
+    """``values`` as a list of strings (None stays None).
+
+    Raises:
+        ValueError: For one string instead of a list (it would be read one character per text), an empty list or
+            items that are not strings, naming the argument.
+    """
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise ValueError(f"`{name}` must be a list of strings, not one string ({values[:40]!r}); wrap it in a list")
+    values = list(values)
+    if not values:
+        raise ValueError(f"`{name}` is empty; give at least one text, or None to use the datamodule")
+    bad = [type(v).__name__ for v in values if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"`{name}` must hold strings; got {sorted(set(bad))}")
+    return values
+
+
+def text_pairs(group: str, prompts: Sequence[str] | None, responses: Sequence[str] | None) -> list[Text] | None:
+    """Checked ``(prompt, response or None)`` pairs of a callback's ``<group>_prompts`` / ``<group>_responses``.
+
+    Raises:
+        ValueError: See :func:`text_list`; or responses without prompts or of another length.
+    """
+    prompts = text_list(f"{group}_prompts", prompts)
+    responses = text_list(f"{group}_responses", responses)
+    if responses is not None and (prompts is None or len(responses) != len(prompts)):
+        raise ValueError(f"`{group}_responses` must have one response per `{group}_prompts` entry; got "
+                         f"{len(responses)} responses for {0 if prompts is None else len(prompts)} prompts")
+    return None if prompts is None else list(zip(prompts, responses or [None] * len(prompts)))
+
+
+def datamodule_texts(trainer: L.Trainer, tokenizer) -> dict[str, list[Text]] | None:
+    """The datamodule's ``capture_texts(tokenizer)`` (or its ``capture_prompts`` without responses), or None."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "capture_texts"):
+        return datamodule.capture_texts(tokenizer)
+    if datamodule is not None and hasattr(datamodule, "capture_prompts"):
+        return {g: [(p, None) for p in ps] for g, ps in datamodule.capture_prompts(tokenizer).items()}
+    return None
 
 
 def prune_callbacks(trainer: L.Trainer) -> list:

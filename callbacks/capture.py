@@ -24,12 +24,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import (
+    Text,
     applied_plan,
     check_not_pruned_elsewhere,
+    datamodule_texts,
     find_causal_lm,
     find_tokenizer,
     prune_callbacks,
     resume_plan,
+    text_pairs,
 )
 from lit_prune.pruning.engine import CAPTURE_TOKENS
 from lit_prune.pruning.stats import (
@@ -44,9 +47,6 @@ from lit_prune.pruning.stats import (
 __all__ = ["ActivationCaptureCallback", "check_output_path"]
 
 log = logging.getLogger(__name__)
-
-Text = tuple[str, "str | None"]
-
 
 def check_output_path(name: str, value: str | None, directory_ok: bool = False) -> None:
     """Raise now, not after the capture, if ``value`` cannot be written as a file.
@@ -65,20 +65,6 @@ def check_output_path(name: str, value: str | None, directory_ok: bool = False) 
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"`{name}`={value!r} cannot be written: {str(parent)!r} is not a writable directory")
-
-
-def _text_list(name: str, values: Sequence[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    if isinstance(values, str):
-        raise ValueError(f"`{name}` must be a list of strings, not one string ({values[:40]!r}); wrap it in a list")
-    values = list(values)
-    if not values:
-        raise ValueError(f"`{name}` is empty; give at least one text, or None to use the datamodule")
-    bad = [type(v).__name__ for v in values if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"`{name}` must hold strings; got {sorted(set(bad))}")
-    return values
 
 
 class ActivationCaptureCallback(Callback):
@@ -135,15 +121,8 @@ class ActivationCaptureCallback(Callback):
                 ``max_length`` < 1, an unknown ``capture``, or a ``stats_path`` that cannot be written.
         """
         super().__init__()
-        texts = {}
-        for group, prompts, responses in (("target", target_prompts, target_responses),
-                                          ("distractor", distractor_prompts, distractor_responses)):
-            prompts = _text_list(f"{group}_prompts", prompts)
-            responses = _text_list(f"{group}_responses", responses)
-            if responses is not None and (prompts is None or len(responses) != len(prompts)):
-                raise ValueError(f"`{group}_responses` must have one response per `{group}_prompts` entry; got "
-                                 f"{len(responses)} responses for {0 if prompts is None else len(prompts)} prompts")
-            texts[group] = None if prompts is None else list(zip(prompts, responses or [None] * len(prompts)))
+        texts = {"target": text_pairs("target", target_prompts, target_responses),
+                 "distractor": text_pairs("distractor", distractor_prompts, distractor_responses)}
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
@@ -288,12 +267,8 @@ class ActivationCaptureCallback(Callback):
     def _texts(self, trainer: L.Trainer, tokenizer) -> dict[str, list[Text]]:
         texts = dict(self.texts)
         if any(t is None for t in texts.values()):
-            datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is not None and hasattr(datamodule, "capture_texts"):
-                from_data = datamodule.capture_texts(tokenizer)
-            elif datamodule is not None and hasattr(datamodule, "capture_prompts"):
-                from_data = {g: [(p, None) for p in ps] for g, ps in datamodule.capture_prompts(tokenizer).items()}
-            else:
+            from_data = datamodule_texts(trainer, tokenizer)
+            if from_data is None:
                 raise ValueError("ActivationCaptureCallback needs `target_prompts` and `distractor_prompts`, or a "
                                  "datamodule with `capture_texts(tokenizer)` or `capture_prompts(tokenizer)`")
             texts = {g: t if t is not None else list(from_data[g]) for g, t in texts.items()}

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning.pytorch.trainer.states import TrainerFn
