@@ -295,6 +295,8 @@ class ActivationCaptureCallback(Callback):
         model.eval()
         recorder = ActivationRecorder(model, gram=gram, gradients=gradients, gram_device=self.gram_device)
         rank, world = trainer.global_rank, trainer.world_size
+        if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            rank, world = 0, 1  # no process group yet (e.g. the sweep before any fit): capture everything here
         self.truncated = {}
         shards = {g: self._batches(tokenizer, t[rank::world], capture, g) for g, t in texts.items()}
         total = sum(len(b) for b in shards.values()) + (len(shards["target"]) if gradients else 0)

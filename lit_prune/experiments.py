@@ -78,7 +78,11 @@ class LitPruneTrainer(L.Trainer):
                                         "'last'")
             if resolved:
                 self.ckpt_path = resolved
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, None, weights_only)
+        try:
+            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, None, weights_only)
+        finally:
+            if ckpt_path is not None:
+                self.ckpt_path = None  # a later test()/validate() on this Trainer must not reload the resume file
 
     # ------------------------------------------------------------------ demo
     def demo(self, model: PrunableCausalLM, datamodule: PruneDataModule, report_dir: str | None = None) -> list[dict]:
@@ -216,6 +220,9 @@ class LitPruneTrainer(L.Trainer):
         for name in criteria + refit_criteria:
             if name not in CRITERIA:
                 raise ValueError(f"`criteria`/`refit_criteria` entries must be in {CRITERIA}; got {name!r}")
+        always = [n for n in refit_criteria if PruneSpec(0.5, n).refits]
+        if always:
+            raise ValueError(f"`refit_criteria` {always} re-fit already (they are in `criteria`'s rows); remove them")
         if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 1:
             raise ValueError(f"`recovery_steps` must be an integer >= 1; got {recovery_steps!r}")
         prune = self._callback(SelectivityPruneCallback)
@@ -247,6 +254,9 @@ class LitPruneTrainer(L.Trainer):
             spec.check_model(model.model)
         capture_started = time.perf_counter()
         stats = self._statistics(model, datamodule, [s for _, _, s in variants], work)
+        if any(s is None for s in stats.values()):
+            raise ValueError(f"the sweep's model {model.model_name_or_path!r} is already pruned (or the Trainer resumes "
+                             "from a checkpoint): sweep the dense model")
         capture_seconds = time.perf_counter() - capture_started
 
         runs: list[dict] = []
@@ -281,7 +291,7 @@ class LitPruneTrainer(L.Trainer):
                    "num_layers": reference.num_layers, "recovery_steps": recovery_steps,
                    "model": model.model_name_or_path, "wall_time_s": time.perf_counter() - started,
                    "capture_s": capture_seconds, "layer_counts": _layer_counts(reference),
-                   "default_criterion": prune.criterion if prune else None}
+                   "default_criterion": prune.spec.label if prune else None}
         if self.is_global_zero:
             from lit_prune.sweep_report import write_sweep_report
 
@@ -303,8 +313,8 @@ class LitPruneTrainer(L.Trainer):
                 target_prompts=[p for p, _ in texts["target"]], distractor_prompts=[p for p, _ in texts["distractor"]],
                 target_responses=_responses(texts["target"]), distractor_responses=_responses(texts["distractor"]),
                 batch_size=template.batch_size, max_length=template.max_length, capture=capture,
-                gram="gram" in needs, gradients="gradients" in needs, stats_path=str(out / f"stats-{capture}.pt"),
-                progress=template.progress)
+                gram="gram" in needs, gradients="gradients" in needs, gram_device=template.gram_device,
+                stats_path=str(out / f"stats-{capture}.pt"), progress=template.progress, tokenizer=template.tokenizer)
             stats[capture] = callback.ensure_stats(self, model, specs=group)
         return stats
 

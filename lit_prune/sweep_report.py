@@ -49,7 +49,7 @@ def _relative_loss(base: float, value: float) -> float | None:
 def _mean_random(runs: list[dict], stage: str, key: str) -> dict[float, float]:
     values = defaultdict(list)
     for run in runs:
-        if run["criterion"] == "random" and run.get(stage) and run[stage].get(key) is not None:
+        if run["criterion"] == "random" and not run.get("refit") and run.get(stage) and run[stage].get(key) is not None:
             values[run["ratio"]].append(run[stage][key])
     return {ratio: sum(v) / len(v) for ratio, v in values.items()}
 
@@ -165,7 +165,7 @@ def _findings(summary: dict) -> list[str]:
         lines.append("Selective pruning scored **below the mean of random pruning** at "
                      + ", ".join(f"{100 * r:.0f}%" for r in sorted(worse_than_random))
                      + " (the paper reports selective above random at every ratio).")
-    else:
+    elif selective and random_mean:  # both were swept: otherwise there is nothing to compare
         lines.append("Selective pruning scored at or above the mean of random pruning at every ratio, as in the paper.")
     collapsed = sorted(r for r, v in reverse.items() if v <= 0.05 * max(dense[key], 1e-9))
     if collapsed:

@@ -135,6 +135,11 @@ class PruneSpec:
             ValueError: For a missing Gram matrix, gradient statistics, distractor set or capture tokens.
         """
         needs = self.needs()
+        if "gram" in needs and stats.has_gram:
+            empty = [i for i in range(stats.num_layers) if float(stats.gram(i).diagonal().sum()) <= 0]
+            if empty:
+                raise ValueError(f"the target Gram matrix of layer(s) {empty} is empty (captured with `gram_layers` "
+                                 "that left them out, or no target tokens); capture it for every layer")
         if "gram" in needs and not stats.has_gram:
             why = f"criterion {self.criterion!r}" + (" with `refit`" if not get_criterion(self.criterion).refit else "")
             raise ValueError(f"{why} needs the target Gram matrix, which was not captured: turn on "
