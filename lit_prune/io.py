@@ -360,8 +360,8 @@ def _owner_gone(owner: dict) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        pass  # alive, another user's
+    except PermissionError:  # alive: another user's process
+        pass
     start = _process_start(pid)
     return owner.get("start") is not None and start is not None and start != owner["start"]
 
