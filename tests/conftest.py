@@ -84,3 +84,14 @@ def equal_length_data(tmp_path_factory):
             handle.write(json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"\\boxed{{{a + b}}}",
                                      "kind": "text"}) + "\n")
     return str(path)
+
+
+def make_trainer(callbacks, tmp_path, **overrides):
+    """A quiet one-device CPU Trainer for tests: 2 steps, no logger, checkpoints, progress bar or validation."""
+    import lightning as L
+
+    kwargs = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                  num_sanity_val_steps=0, limit_val_batches=0)
+    kwargs.update(overrides)
+    return L.Trainer(callbacks=callbacks, **kwargs)

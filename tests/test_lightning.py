@@ -26,6 +26,7 @@ from lit_prune.pruning import (
 from lit_prune.tiny import make_tiny_model, save_tiny_model
 
 from conftest import DIALOG, GSM8K, ROOT, SQUAD
+from conftest import make_trainer as _trainer
 
 
 def _datamodule(**overrides):
@@ -33,14 +34,6 @@ def _datamodule(**overrides):
                   finetune_samples=24, val_samples=4, max_length=512, batch_size=4)
     kwargs.update(overrides)
     return PruneDataModule(**kwargs)
-
-
-def _trainer(callbacks, tmp_path, **overrides):
-    kwargs = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                  num_sanity_val_steps=0, limit_val_batches=0)
-    kwargs.update(overrides)
-    return L.Trainer(callbacks=callbacks, **kwargs)
 
 
 def _adapters(module: PrunableCausalLM) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 from conftest import make_tiny_qwen2
@@ -38,6 +37,7 @@ from lit_prune.pruning.sparsity import (
 )
 
 from conftest import DIALOG, GSM8K, ROOT, SQUAD
+from conftest import make_trainer as _trainer
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -363,14 +363,6 @@ def test_measure_sparsity_counts_zeros_per_layer_and_overall():
 def test_bad_arguments_fail_when_the_callback_is_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WeightSparsityCallback(**kwargs)
-
-
-def _trainer(callbacks, tmp_path, **overrides):
-    kwargs = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                  num_sanity_val_steps=0, limit_val_batches=0)
-    kwargs.update(overrides)
-    return L.Trainer(callbacks=callbacks, **kwargs)
 
 
 def _datamodule(**overrides):
