@@ -220,6 +220,8 @@ class WeightSparsityCallback(Callback):
             return self.result
         self._check_order(trainer)
         self.spec.check_model(model)  # target names, N:M widths: before any forward pass
+        if self.spec.sparsity > 0 and hasattr(pl_module, "record_modification"):
+            pl_module.record_modification(self.spec.label)  # the evaluation's reference: the weights before masking
         saved = self._checkpoint_masks(trainer)
         if saved is not None:
             self._check_same_spec(saved.spec)

@@ -4,8 +4,9 @@
   ``selective`` and with the configured criterion (capture and slicing in the configured callbacks), evaluate
   both, recover the latter with LoRA, export, evaluate again; one table.
 * ``python -m lit_prune sweep --config configs/sweep-toy.yaml``: capture once per capture setting, then for every
-  ratio and criterion prune a fresh copy, evaluate, recover with LoRA and evaluate again; a Markdown report with
-  the criteria table, the paper's Tables 2-5 and PNG figures (see ``lit_prune.sweep_report``).
+  ratio and criterion prune a fresh copy, evaluate, recover with LoRA and evaluate again; optionally the same for
+  weight-sparsity masks at equal size (``sparsity_methods``); a Markdown report with the criteria table, the
+  structures at equal size, the paper's Tables 2-5 and PNG figures (see ``lit_prune.sweep_report``).
 
 ``LitPruneTrainer.fit`` resolves ``ckpt_path`` (a path, ``"last"``, ``"hpc"``, ``"best"``) before fitting and sets
 ``trainer.ckpt_path``: Lightning shows the checkpoint to callbacks during ``setup`` only that way, and the pruning
@@ -30,12 +31,17 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from lit_prune.callbacks.capture import ActivationCaptureCallback
 from lit_prune.callbacks.prune import SelectivityPruneCallback
+from lit_prune.callbacks.sparsity import calibration_batches
 from lit_prune.data.datamodule import PruneDataModule
+from lit_prune.eval.resources import compression_ratio
 from lit_prune.module import PrunableCausalLM
 from lit_prune.pruning.engine import CAPTURE_TOKENS, PruneSpec, make_plan
 from lit_prune.pruning.importance import CRITERIA
-from lit_prune.pruning.plan import validate_ratio
+from lit_prune.pruning.plan import kept_width, validate_ratio
+from lit_prune.pruning.sparsity import METHODS as SPARSITY_METHODS
+from lit_prune.pruning.sparsity import SparsityResult, SparsitySpec, measure_sparsity, prune_model
 from lit_prune.pruning.stats import NeuronStats
+from lit_prune.pruning.swiglu import find_swiglu_mlps
 from lit_prune.report import print_comparison, write_json
 
 __all__ = ["LitPruneTrainer"]
@@ -179,6 +185,9 @@ class LitPruneTrainer(L.Trainer):
         capture: str = "response",
         recovery_steps: int = 40,
         report_dir: str | None = None,
+        sparsity_methods: list[str] | None = None,
+        sparsity_patterns: list[str] | None = None,
+        sparsity_targets: list[str] | None = None,
         modes: list[str] | None = None,
         recover_modes: list[str] | None = None,
     ) -> dict:
@@ -201,6 +210,17 @@ class LitPruneTrainer(L.Trainer):
             recovery_steps: LoRA steps per recovered variant.
             report_dir: Folder of the report, ``sweep.json`` and figures (default: ``<trainer.default_root_dir>/sweep``,
                 which always holds the statistics, reference outputs and per-variant evaluations).
+            sparsity_methods: Weight-sparsity methods (``magnitude``, ``wanda``, ``sparsegpt``, ``ria``) to set beside
+                width pruning at equal size (default: none). Each is calibrated on the target capture texts (the
+                sweep's ``capture`` tokens), as :class:`~lit_prune.callbacks.WeightSparsityCallback` does by default.
+            sparsity_patterns: ``unstructured`` (default) and/or N:M patterns (``2:4``, ``4:8``). Unstructured runs at
+                every ratio with as many zeros as width pruning removes weights there (:func:`equal_size_sparsity`);
+                an N:M pattern runs once, at N/M, and is listed under the ratio ``N/M`` when that is swept. A zero
+                counts as removed; dense kernels do not get faster from zeros.
+            sparsity_targets: Linear names the masks go on (default: the MLP projections ``gate_proj``, ``up_proj``,
+                ``down_proj``, the weights width pruning removes, so the two compare the same matrices; list
+                ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` too to spread the same number of zeros over every
+                decoder linear, as the NSA study does).
             modes: Deprecated name of ``criteria``.
             recover_modes: Deprecated name of ``recover``.
 
@@ -208,7 +228,8 @@ class LitPruneTrainer(L.Trainer):
             Everything the report shows (also written as ``sweep.json``).
 
         Raises:
-            ValueError: For a bad ratio, criterion, capture setting or step count (before any capture).
+            ValueError: For a bad ratio, criterion, capture setting, step count, sparsity method, pattern or target
+                (before any capture).
         """
         criteria = list(criteria or modes or CRITERIA)
         recover = recover if recover is not None else recover_modes
@@ -239,19 +260,23 @@ class LitPruneTrainer(L.Trainer):
             if paper:
                 variants.append(("selective/paper", ratio, PruneSpec.paper(ratio, multiple_of=multiple_of)))
         names = list(dict.fromkeys(n for n, _, _ in variants))
-        recover = names if recover is None else list(recover)
-        unknown = [n for n in recover if n not in names]
-        if unknown:
-            raise ValueError(f"`recover` names {unknown}, which are not variants of this sweep; they are {names}")
         recover_ratios = ratios if recover_ratios is None else [validate_ratio(r) for r in recover_ratios]
         stray = [r for r in recover_ratios if r not in ratios]
         if stray:
             raise ValueError(f"`recover_ratios` {stray} are not among `ratios` {ratios}")
+        sparse_variants = _sparsity_variants(model.model, ratios, multiple_of, sparsity_methods, sparsity_patterns,
+                                             sparsity_targets)
+        names += [n for n in dict.fromkeys(n for n, _, _ in sparse_variants) if n not in names]
+        if recover is not None:
+            unknown = [n for n in recover if n not in names]
+            if unknown:
+                raise ValueError(f"`recover` names {unknown}, which are not variants of this sweep; they are {names}")
         work = Path(self.default_root_dir) / "sweep"  # statistics, reference outputs, per-variant evaluations
         out = Path(report_dir) if report_dir else work  # report.md, sweep.json and the figures
         started = time.perf_counter()
         for _, _, spec in variants:  # fail before any capture if a ratio cannot be sliced
             spec.check_model(model.model)
+        recover = names if recover is None else list(recover)
         capture_started = time.perf_counter()
         stats = self._statistics(model, datamodule, [s for _, _, s in variants], work)
         if any(s is None for s in stats.values()):
@@ -264,34 +289,52 @@ class LitPruneTrainer(L.Trainer):
         self.variant_trainer().test(dense_module, datamodule=datamodule, verbose=False)
         dense = dense_module.test_results
         del dense_module
+        total = len(variants) + len(sparse_variants)
         for index, (name, ratio, spec) in enumerate(variants):
-            rank_zero_info(f"sweep [{index + 1}/{len(variants)}] {name} at {ratio:.0%}")
+            rank_zero_info(f"sweep [{index + 1}/{total}] {name} at {ratio:.0%}")
             variant = self._fresh(model, f"{name}@{ratio:.2f}", work / "eval")
             result = make_plan(variant.model, stats[spec.capture], spec, provenance={"model": model.model_source})
             result.apply(variant.model)
             variant.set_prune_plan(result.plan)
             self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
             plan = result.plan
-            run = {"mode": name, "criterion": spec.criterion, "seed": spec.seed, "aggregation": spec.aggregation,
+            run = {"structure": "width", "mode": name, "criterion": spec.criterion, "seed": spec.seed, "aggregation": spec.aggregation,
                    "capture": spec.capture, "refit": spec.refits, "ratio": ratio, "exact_ratio": plan.exact_ratio,
                    "kept_width": plan.kept_width, "seconds": result.seconds,
                    "capture_seconds": stats[spec.capture].metadata.get("capture_seconds"),
-                   "pruned": variant.test_results}
+                   "pruned": variant.test_results, "params_removed": params_removed(variant.test_results, dense)}
             if name in recover and ratio in recover_ratios:
-                variant.suite.settings = dataclasses.replace(variant.suite.settings, label=f"{name}+lora@{ratio:.2f}")
-                self.variant_trainer(max_steps=recovery_steps, max_epochs=None, val_check_interval=None,
-                                     limit_val_batches=0, enable_progress_bar=False).fit(variant, datamodule=datamodule)
-                variant.merged_model()
-                self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
-                run["recovered"] = variant.test_results
+                run["recovered"] = self._recover(variant, f"{name}+lora@{ratio:.2f}", datamodule, recovery_steps)
             runs.append(run)
+            del variant
+        structure_runs: list[dict] = []
+        calibration = None
+        for index, (name, ratio, sparse) in enumerate(sparse_variants, start=len(variants)):
+            rank_zero_info(f"sweep [{index + 1}/{total}] {name} ({sparse.label}) at the size of width {ratio:.0%}")
+            if calibration is None:
+                template = self._callback(ActivationCaptureCallback) or ActivationCaptureCallback()
+                calibration = calibration_batches(model.tokenizer, datamodule.capture_texts(model.tokenizer)["target"],
+                                                  capture, template.max_length, template.batch_size)
+            variant = self._fresh(model, f"{name}@{ratio:.2f}", work / "eval")
+            variant.record_modification(sparse.label)
+            result = prune_model(variant.model, calibration, sparse, provenance={"model": model.model_source})
+            self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
+            run = {"structure": "sparsity", "mode": name, "method": sparse.method, "pattern": sparse.pattern,
+                   "sparsity": sparse.sparsity, "ratio": ratio, "seconds": result.seconds,
+                   "measured": measure_sparsity(variant.model, sparse.targets, sparse.n_m),
+                   "pruned": variant.test_results, "params_removed": params_removed(variant.test_results, dense)}
+            if name in recover and ratio in recover_ratios:
+                run["recovered"] = self._recover(variant, f"{name}+lora@{ratio:.2f}", datamodule, recovery_steps,
+                                                 masks=result)
+                run["measured_recovered"] = measure_sparsity(variant.model, sparse.targets, sparse.n_m)
+            structure_runs.append(run)
             del variant
         reference = stats.get("prompt") or next(iter(stats.values()))
         summary = {"dense": dense, "runs": runs, "multiple_of": multiple_of, "width": reference.width,
                    "num_layers": reference.num_layers, "recovery_steps": recovery_steps,
                    "model": model.model_name_or_path, "wall_time_s": time.perf_counter() - started,
                    "capture_s": capture_seconds, "layer_counts": _layer_counts(reference),
-                   "default_criterion": prune.spec.label if prune else None}
+                   "default_criterion": prune.spec.label if prune else None, "structure_runs": structure_runs}
         if self.is_global_zero:
             from lit_prune.sweep_report import write_sweep_report
 
@@ -299,6 +342,19 @@ class LitPruneTrainer(L.Trainer):
             report = write_sweep_report(summary, out)
             rank_zero_info(f"sweep finished in {summary['wall_time_s'] / 60:.1f} min; report {report}")
         return summary
+
+    def _recover(self, variant: PrunableCausalLM, label: str, datamodule, steps: int,
+                 masks: SparsityResult | None = None) -> dict:
+        """LoRA-recover ``variant`` for ``steps`` steps, merge (re-applying ``masks`` to the merged weights: the
+        update ``B A`` is dense) and evaluate it again."""
+        variant.suite.settings = dataclasses.replace(variant.suite.settings, label=label)
+        self.variant_trainer(max_steps=steps, max_epochs=None, val_check_interval=None, limit_val_batches=0,
+                             enable_progress_bar=False).fit(variant, datamodule=datamodule)
+        merged = variant.merged_model()
+        if masks is not None:
+            masks.apply(merged)
+        self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
+        return variant.test_results
 
     def _statistics(self, model, datamodule, specs: list[PruneSpec], out: Path) -> dict[str, NeuronStats]:
         """Capture once per capture setting the specs use, with every statistic they need (or load the files a
@@ -322,6 +378,57 @@ class LitPruneTrainer(L.Trainer):
 def _responses(texts: list[tuple[str, str | None]]) -> list[str] | None:
     """The responses of ``(prompt, response)`` pairs, or None when none has one ("" marks a missing one)."""
     return [r or "" for _, r in texts] if any(r for _, r in texts) else None
+
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def params_removed(result: dict, dense: dict) -> float:
+    """Fraction of the dense model's parameters a variant removed, a zero weight counted as removed (the LRM study's
+    ``1 - params(pruned) / params(dense)``, on non-zero parameters), from two evaluation results."""
+    return compression_ratio(dense["parameters"] - dense.get("zero_parameters", 0),
+                             result["parameters"] - result.get("zero_parameters", 0))
+
+
+def equal_size_sparsity(model, ratio: float, multiple_of: int, targets) -> float:
+    """Unstructured sparsity of the ``targets`` linears that zeroes as many weights as width pruning at ``ratio``
+    removes: ``(d_ff - kept_width) * (gate.in + up.in + down.out)`` per layer over the targeted weights (with the
+    default MLP targets this is the plan's exact ratio).
+
+    Raises:
+        ValueError: If the targets hold fewer weights than width pruning removes.
+    """
+    blocks = find_swiglu_mlps(model)
+    removed = sum((b.width - kept_width(b.width, ratio, multiple_of))
+                  * (b.gate_proj.in_features + b.up_proj.in_features + b.down_proj.out_features) for b in blocks)
+    targeted = sum(linear.weight.numel() for linear in SparsitySpec("magnitude", targets=targets).check_model(model)
+                   .values())
+    if removed >= targeted:
+        raise ValueError(f"`sparsity_targets` {list(targets)} hold {targeted:,} weights, fewer than the {removed:,} width "
+                         f"pruning removes at ratio {ratio}; target more linears")
+    return removed / targeted
+
+
+def _sparsity_variants(model, ratios, multiple_of, methods, patterns, targets) -> list[tuple[str, float, SparsitySpec]]:
+    """``(name, ratio, spec)`` of the sweep's weight-sparsity axis, validated (before any capture)."""
+    if not methods:
+        if patterns or targets:
+            raise ValueError("`sparsity_patterns`/`sparsity_targets` are set but `sparsity_methods` is empty; name the "
+                             f"methods to sweep ({SPARSITY_METHODS})")
+        return []
+    targets = tuple(targets) if targets else MLP_PROJECTIONS
+    variants = []
+    for method in methods:
+        for pattern in patterns or ["unstructured"]:
+            spec = SparsitySpec(method, pattern, targets=targets)  # validates method and pattern
+            if spec.n_m is None:
+                variants += [(f"sparsity/{method}", ratio, SparsitySpec(
+                    method, targets=targets, sparsity=equal_size_sparsity(model, ratio, multiple_of, targets)))
+                    for ratio in ratios]
+            else:
+                spec.check_model(model)  # M must divide every targeted input width
+                variants.append((f"sparsity/{method}-{spec.pattern}", spec.sparsity, spec))
+    return variants
 
 
 def _layer_counts(stats: NeuronStats) -> dict:

@@ -32,11 +32,14 @@ from typing_extensions import override
 from lit_prune.eval.resources import PeakMemory, count_parameters, decode_throughput
 from lit_prune.evaluation import EvalSettings, EvaluationSuite
 from lit_prune.io import (
-    atomic_write_text, check_output_dir, check_placement, check_writable, replace_directory, write_export_marker,
+    MARKER_FILENAME, atomic_write_text, check_output_dir, check_placement, check_writable, replace_directory,
+    write_export_marker,
 )
 from lit_prune.loading import load_causal_lm, load_tokenizer, resolve_model_source
 from lit_prune.report import print_comparison, write_json, write_jsonl
+from lit_prune.pruning.depth import DEPTH_KEY, DepthPlan, read_checkpoint_depth_plan
 from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan, read_checkpoint_plan
+from lit_prune.pruning.sparsity import measure_sparsity
 from lit_prune.pruning.stats import model_fingerprint
 from lit_prune.pruning.swiglu import find_swiglu_mlps
 
@@ -226,6 +229,10 @@ class PrunableCausalLM(L.LightningModule):
                 "belongs to another model; remove it from the folder or load the export it was written with"
             )
         self._dense_fingerprint: str | None = None  # of the unpruned weights, when this model is the reference
+        # Changes made by callbacks other than width slicing (weight sparsity, depth), and the weights before them.
+        self.modifications: list[str] = []
+        self._original: dict | None = None
+        self.depth_plan: DepthPlan | None = self._exported_depth_plan(model_name_or_path)
         self.exported_to: Path | None = None
         self.suite = EvaluationSuite(evaluation or EvalSettings())
         self.test_results: dict | None = None
@@ -240,6 +247,51 @@ class PrunableCausalLM(L.LightningModule):
     def set_prune_plan(self, plan: PrunePlan) -> None:
         """Record the plan the callbacks applied (it travels in checkpoints and exports)."""
         self.prune_plan = plan
+
+    def set_depth_plan(self, plan: DepthPlan) -> None:
+        """Record the depth plan DepthPruneCallback applied (it travels in checkpoints and the export's
+        ``lit_prune.json``)."""
+        self.depth_plan = plan
+
+    def _exported_depth_plan(self, folder: str) -> DepthPlan | None:
+        """The depth plan in a lit_prune export's ``lit_prune.json`` (a depth-pruned model loaded for recovery
+        keeps it as provenance, and is compared with the model it came from).
+
+        Raises:
+            ValueError: If the plan's remaining block count is not the model's.
+        """
+        card = Path(folder) / MARKER_FILENAME
+        if not card.is_file():
+            return None
+        data = json.loads(card.read_text(encoding="utf-8")).get(DEPTH_KEY)
+        if not data:
+            return None
+        plan = DepthPlan.from_dict(data)
+        if not plan.is_applied(self.model):
+            raise ValueError(f"{str(card)!r} says the model keeps {plan.num_layers} of {plan.original_num_layers} "
+                             f"decoder blocks, but the model in {folder!r} has {self.model.config.num_hidden_layers}: "
+                             "the plan belongs to another model")
+        self._original = {k: plan.provenance.get(k) for k in ("model", "model_fingerprint")}
+        self.modifications.append(plan.label)
+        return plan
+
+    def record_modification(self, label: str) -> None:
+        """Note a change to the weights other than width slicing (weight sparsity, block removal), before making it.
+
+        The first call remembers the source and fingerprint of the weights as they are now, so the evaluation
+        compares this model's distractor outputs with the model it came from (not with itself) and never caches
+        them as that model's reference outputs. Width slicing needs no call: its plan carries the same provenance.
+        """
+        if self._original is None and self.prune_plan is None:
+            model = self.model.get_base_model() if self.is_lora_wrapped else self.model
+            self._original = {"model": self.model_source, "model_fingerprint": model_fingerprint(model)}
+        if label not in self.modifications:
+            self.modifications.append(label)
+
+    @property
+    def is_modified(self) -> bool:
+        """Whether the weights differ from the source model's (width plan, sparsity masks or removed blocks)."""
+        return self.prune_plan is not None or bool(self.modifications)
 
     @override
     def configure_model(self) -> None:
@@ -325,6 +377,7 @@ class PrunableCausalLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The plan is written by SelectivityPruneCallback; a resume replays it in the callbacks' `setup`, before
         # this hook. Here, before the weights load, a model of other shapes gets an error that says why.
+        self._check_checkpoint_depth(checkpoint)
         saved = read_checkpoint_plan(checkpoint)
         if saved is None:
             return
@@ -338,16 +391,32 @@ class PrunableCausalLM(L.LightningModule):
                 "`trainer.fit` (`python -m lit_prune fit --ckpt_path <path|last>` does this)"
             )
 
+    def _check_checkpoint_depth(self, checkpoint: dict) -> None:
+        """Raise if the checkpoint's depth plan (written by DepthPruneCallback) is not the one applied to this model."""
+        saved = read_checkpoint_depth_plan(checkpoint)
+        if saved is None:
+            return
+        if self.depth_plan is None or self.depth_plan.removed_blocks != saved.removed_blocks:
+            current = (f"depth plan {self.depth_plan.label} (blocks {self.depth_plan.removed_blocks} removed)"
+                       if self.depth_plan else "no depth plan")
+            raise ValueError(
+                f"the checkpoint was written by a depth-pruned model ({saved.label}, blocks {saved.removed_blocks} "
+                f"removed of {saved.original_num_layers}) but the model being resumed has {current}. Resume with the "
+                "same DepthPruneCallback and set `trainer.ckpt_path` before `trainer.fit` (`python -m lit_prune fit "
+                "--ckpt_path <path|last>` does this)"
+            )
+
     # ------------------------------------------------------------------ evaluation
     @property
     def label(self) -> str:
         """Name of this model in reports."""
         if self.suite.settings.label:
             return self.suite.settings.label
-        if self.prune_plan is None:
+        if not self.is_modified:
             return "dense"
         recovered = self.lora is not None and self._trainer is not None and self.trainer.global_step > 0
-        return f"{self.prune_plan.label}-{self.prune_plan.ratio:.0%}" + ("+lora" if recovered else "")
+        parts = ([f"{self.prune_plan.label}-{self.prune_plan.ratio:.0%}"] if self.prune_plan is not None else [])
+        return "+".join(parts + self.modifications) + ("+lora" if recovered else "")
 
     def _output_dir(self) -> Path:
         if self.suite.settings.output_dir:
@@ -358,7 +427,7 @@ class PrunableCausalLM(L.LightningModule):
         """The model whose distractor outputs this model is compared with: the one that was pruned."""
         if self.prune_plan is not None:
             return str(self.prune_plan.provenance.get("model", self.model_source))
-        return self.model_source
+        return (self._original or {}).get("model", self.model_source)
 
     def _reference_cache(self):
         from lit_prune.eval.similarity import OutputCache
@@ -384,6 +453,8 @@ class PrunableCausalLM(L.LightningModule):
         """Fingerprint of the original weights: a folder retrained in place must not reuse old outputs."""
         if self.prune_plan is not None:
             return self.prune_plan.provenance.get("model_fingerprint")
+        if self._original is not None:
+            return self._original["model_fingerprint"]
         if self._dense_fingerprint is None:
             model = self.model.get_base_model() if self.is_lora_wrapped else self.model
             self._dense_fingerprint = model_fingerprint(model)
@@ -394,10 +465,10 @@ class PrunableCausalLM(L.LightningModule):
         self.suite.reset()
         self.suite.references = {}
         self._memory = PeakMemory(self.device if self.device.type in ("cpu", "cuda") else None).__enter__()
-        if self.prune_plan is None:
+        if not self.is_modified:
             return  # the dense model is its own reference; its outputs are cached at the end
         cache = self._reference_cache()
-        self._original = None
+        self._reference_lm = None
         for task, pairs in self._distractor_prompts().items():
             prompts = [p for _, p in pairs]
             if self.trainer.is_global_zero:
@@ -406,18 +477,18 @@ class PrunableCausalLM(L.LightningModule):
             self.trainer.strategy.barrier("lit_prune_reference_outputs")
             outputs = cache.get(self._reference_key(task), prompts)
             self.suite.references.update({pid: out for (pid, _), out in zip(pairs, outputs)})
-        self._original = None  # free the original model before evaluating
+        self._reference_lm = None  # free the original model before evaluating
 
     def _reference_outputs(self, task: str, prompts: list[str]) -> list[str]:
         """Generate the original model's outputs (it is loaded for this, once per cache)."""
         from lit_prune.eval.generation import generate
 
         rank_zero_info(f"generating reference {task} outputs with the original model {self._reference_model()}")
-        if self._original is None:
-            self._original = load_causal_lm(self._reference_model(), dtype=self.model.dtype,
-                                            argument="the prune plan's provenance `model`")
-            self._original.to(self.device)
-        records = generate(self._original, self.tokenizer, prompts, max_new_tokens=self.suite.settings.budget(task),
+        if self._reference_lm is None:
+            self._reference_lm = load_causal_lm(self._reference_model(), dtype=self.model.dtype,
+                                                argument="the prune plan's provenance `model`")
+            self._reference_lm.to(self.device)
+        records = generate(self._reference_lm, self.tokenizer, prompts, max_new_tokens=self.suite.settings.budget(task),
                            batch_size=self.suite.settings.batch_size, progress=False)
         return [r.text for r in records]
 
@@ -438,12 +509,17 @@ class PrunableCausalLM(L.LightningModule):
                        plan=None if self.prune_plan is None else {
                            "mode": self.prune_plan.label, "criterion": self.prune_plan.criterion,
                            "refit": self.prune_plan.refit, "capture": self.prune_plan.capture, "ratio": self.prune_plan.ratio,
-                           "exact_ratio": self.prune_plan.exact_ratio, "kept_width": self.prune_plan.kept_width})
+                           "exact_ratio": self.prune_plan.exact_ratio, "kept_width": self.prune_plan.kept_width},
+                       modifications=list(self.modifications))
+        zeros = measure_sparsity(model)  # a zero counts as removed (dense kernels still multiply it)
+        results["zero_parameters"] = zeros["zeros"]
+        if zeros["zeros"]:
+            results["sparsity"] = {k: zeros[k] for k in ("overall", "zeros", "weights", "per_layer")}
         if self.trainer.is_global_zero:
             results["decode_tokens_per_s"] = decode_throughput(
                 model, self.tokenizer, "Tom has 3 apples.", new_tokens=self.suite.settings.throughput_new_tokens,
                 warmup=1, repeats=3)
-            if self.prune_plan is None:
+            if not self.is_modified:
                 self._cache_own_outputs(records)
             out = self._output_dir()
             stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", self.label.replace("%", "pct"))
@@ -571,6 +647,7 @@ class PrunableCausalLM(L.LightningModule):
             return
         atomic_write_text(self._handover_file(), json.dumps({
             "plan": None if self.prune_plan is None else self.prune_plan.to_dict(),
+            "depth_plan": None if self.depth_plan is None else self.depth_plan.to_dict(),
             "lora_wrapped": self.is_lora_wrapped,
             "exported_to": None if self.exported_to is None else str(self.exported_to),
         }))
@@ -593,6 +670,11 @@ class PrunableCausalLM(L.LightningModule):
             return
         final = json.loads(handover.read_text())
         handover.unlink()
+        if final.get("depth_plan") is not None:  # blocks first: the width plan indexes the remaining ones
+            depth = DepthPlan.from_dict(final["depth_plan"])
+            if not depth.is_applied(self.model):
+                depth.apply(self.model)
+            self.set_depth_plan(depth)
         if final["plan"] is not None:
             plan = PrunePlan.from_dict(final["plan"])
             model = self.model.get_base_model() if self.is_lora_wrapped else self.model
@@ -623,6 +705,8 @@ class PrunableCausalLM(L.LightningModule):
             },
             # Set by WeightSparsityCallback.on_fit_end: method, pattern, sparsity measured on the final weights.
             "sparsity": getattr(self, "weight_sparsity", None),
+            # Set by DepthPruneCallback: the removed blocks, scores and parameter ratio (before any width pruning).
+            DEPTH_KEY: None if self.depth_plan is None else self.depth_plan.to_dict(),
             "lora": None if self.lora is None else asdict(self.lora),
             "learning_rate": self.hparams.learning_rate,
             "global_step": self._trainer.global_step if self._trainer is not None else 0,
@@ -648,6 +732,10 @@ def _render_card(card: dict) -> str:
                   f"{pruning['exact_ratio']:.2%} (MLP width {pruning['original_width']} -> {pruning['kept_width']}, "
                   f"multiple of {pruning['multiple_of']}, seed {pruning['seed']})",
                   f"- Capture data: {json.dumps(pruning['provenance'])}"]
+    depth = card.get(DEPTH_KEY) or {}
+    if depth:
+        lines.append(f"- Depth: removed blocks {depth['removed_blocks']} of {depth['original_num_layers']} "
+                     f"({depth['criterion']}, {depth['param_ratio']:.2%} of the parameters)")
     if card.get("lora"):
         lines.append(f"- LoRA recovery: {json.dumps(card['lora'])}, lr {card['learning_rate']}, "
                      f"{card['global_step']} steps (merged)")

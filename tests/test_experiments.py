@@ -54,6 +54,46 @@ def test_sweep_report_is_consistent_with_the_planner(tmp_path):
     assert NeuronStats.load(tmp_path / "sweep" / "stats-prompt.pt").statistics == frozenset()
 
 
+@pytest.mark.slow
+def test_sweep_sets_weight_sparsity_beside_width_at_equal_size(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "report"
+    cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
+              f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--ratios=[0.4, 0.5]",
+              "--criteria=[compensated]", "--paper=false", "--sparsity_methods=[magnitude, wanda]",
+              "--sparsity_patterns=[unstructured, '2:4']", "--recover=[compensated, sparsity/wanda-2:4]",
+              "--recover_ratios=[0.5]", "--recovery_steps=2", f"--report_dir={out}"])
+    summary = json.loads((out / "sweep.json").read_text())
+    width = {r["ratio"]: r for r in summary["runs"]}
+    sparse = {(r["mode"], r["ratio"]): r for r in summary["structure_runs"]}
+    assert set(sparse) == {("sparsity/magnitude", 0.4), ("sparsity/magnitude", 0.5), ("sparsity/wanda", 0.4),
+                           ("sparsity/wanda", 0.5), ("sparsity/magnitude-2:4", 0.5), ("sparsity/wanda-2:4", 0.5)}
+    hidden, layers = 64, 2  # the tiny model: 2 layers, hidden 64, d_ff 256
+    for (mode, ratio), run in sparse.items():
+        removed = 3 * hidden * (256 - kept_width(256, ratio, 32)) * layers
+        assert run["measured"]["zeros"] == removed == run["pruned"]["zero_parameters"]  # the same count as width
+        assert run["params_removed"] == pytest.approx(width[ratio]["params_removed"], abs=1e-9)
+        assert run["pruned"]["parameters"] == summary["dense"]["parameters"]  # zeros, not slices
+        assert ("recovered" in run) == (mode == "sparsity/wanda-2:4")
+        # Compared with the dense model's outputs, not cached as them: a masked model is not its own reference.
+        assert run["pruned"]["sss"] is not None and run["pruned"]["modifications"] == [run["measured"] and
+                                                                                       _sparse_label(run)]
+    recovered = sparse[("sparsity/wanda-2:4", 0.5)]
+    assert recovered["measured_recovered"]["n_m_violations"] == 0
+    assert recovered["measured_recovered"]["zeros"] == recovered["measured"]["zeros"]  # LoRA merged, masks held
+    assert recovered["recovered"]["sparsity"]["overall"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Structures at equal size" in report and "| 50.0% | sparsity | sparsity/wanda-2:4 |" in report
+    assert "fig_structures_equal_size.png" in report and (out / "fig_structures_equal_size.png").stat().st_size > 1000
+    assert "The dense model scores 0" in report  # so no structure verdicts (the random model cannot answer)
+
+
+def _sparse_label(run: dict) -> str:
+    from lit_prune.pruning.sparsity import SparsitySpec
+
+    return SparsitySpec(run["method"], run["pattern"], None if ":" in run["pattern"] else run["sparsity"]).label
+
+
 def test_sweep_rejects_bad_arguments(tmp_path):
     model = save_tiny_model(tmp_path / "model")
     with pytest.raises(ValueError, match="`criteria`/`refit_criteria` entries must be in"):
@@ -63,10 +103,18 @@ def test_sweep_rejects_bad_arguments(tmp_path):
         cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
                   f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--criteria=[random]",
                   "--recover=[selective]"])
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
+                  f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--criteria=[random]",
+                  "--sparsity_methods=[wanda_sp]"])
+    with pytest.raises(ValueError, match="`sparsity_methods` is empty"):
+        cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
+                  f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--criteria=[random]",
+                  "--sparsity_patterns=['2:4']"])
 
 
 def test_findings_name_the_peers_that_beat_the_default():
-    from lit_prune.sweep_report import _default_findings
+    from lit_prune.sweep_report import Metric, _default_findings
 
     def run(mode, ratio, pruned, recovered=None):
         return {"mode": mode, "ratio": ratio, "pruned": {"exact_match": pruned},
@@ -75,7 +123,38 @@ def test_findings_name_the_peers_that_beat_the_default():
     summary = {"default_criterion": "compensated", "runs": [
         run("compensated", 0.25, 0.9, 0.95), run("wanda_sp", 0.25, 0.8, 0.97), run("magnitude", 0.25, 0.7),
         run("compensated", 0.5, 0.6), run("wanda_sp", 0.5, 0.7), run("flap", 0.5, 0.65)]}
-    lines = _default_findings(summary, "exact_match")
+    lines = _default_findings(summary, Metric("exact_match"))
     assert lines[0] == ("The default criterion `compensated` was **beaten after pruning** at 50% (2 variant(s), best "
                         "wanda_sp 70.0 vs 60.0).")
     assert "beaten after LoRA recovery** at 25% (1 variant(s), best wanda_sp 97.0 vs 95.0)" in lines[1]
+
+
+def test_report_ranks_by_target_nll_when_nothing_was_generated(tmp_path):
+    """A perplexity-only evaluation (SmolLM2 cannot solve GSM8K): lower NLL is better everywhere in the report."""
+    from lit_prune.sweep_report import metric_for, write_sweep_report
+
+    def result(target, distractor):
+        return {"nll_target": target, "nll_distractor": distractor, "parameters": 100, "weights_mb": 1.0,
+                "peak_memory_mb": 10.0, "decode_tokens_per_s": 5.0}
+
+    def run(mode, ratio, target, distractor, recovered=None):
+        return {"structure": "width", "mode": mode, "criterion": mode.split("/")[0], "ratio": ratio, "kept_width": 8,
+                "exact_ratio": ratio, "capture": "response", "seconds": {"select": 0.1}, "pruned": result(target, distractor),
+                **({"recovered": result(*recovered)} if recovered else {})}
+
+    summary = {"model": "m", "num_layers": 2, "width": 16, "multiple_of": 8, "recovery_steps": 1, "wall_time_s": 6.0,
+               "default_criterion": "compensated", "dense": result(1.40, 3.80),
+               "layer_counts": {k: [1, 2] for k in ("target", "distractor", "target_strong", "distractor_strong")},
+               "runs": [run("compensated", 0.5, 1.55, 4.9, recovered=(1.50, 4.5)), run("wanda_sp", 0.5, 1.50, 4.0),
+                        run("random/seed42", 0.5, 2.0, 4.2), run(PAPER_MODE, 0.5, 2.5, 4.4)]}
+    assert metric_for(summary["dense"]).key == "nll_target"
+    report = write_sweep_report(summary, tmp_path).read_text()
+    assert "| wanda_sp | **1.500** |" in report  # the lowest NLL is the best
+    assert "`compensated` was **beaten after pruning** at 50% (1 variant(s), best wanda_sp 1.500 vs 1.550)" in report
+    assert "**worse than the mean of random pruning** at 50%" in report  # the paper's selective (2.5 vs 2.0)
+    assert (tmp_path / "fig_distractor_vs_target_nll.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no metric to rank by"):
+        metric_for({"sss": 0.9})
+
+
+PAPER_MODE = "selective/paper"
