@@ -402,8 +402,9 @@ def _structure_findings(summary: dict, metric: Metric) -> list[str]:
                 if not group or not mine:
                     continue
                 best, rival = metric.best(group, stage), metric.best(mine, stage)
-                verdict = "beat" if metric.better(metric.value(best, stage), metric.value(rival, stage)) else \
-                    "did not beat"
+                mine_value, rival_value = metric.value(best, stage), metric.value(rival, stage)
+                verdict = ("beat" if metric.better(mine_value, rival_value) else "tied" if mine_value == rival_value
+                           else "did not beat")
                 what = "after pruning" if stage == "pruned" else "after LoRA recovery"
                 line = (f"At {100 * ratio:.0f}% ({100 * best['params_removed']:.1f}% of the parameters) {what}, the best "
                         f"{structure} variant `{best['mode']}` ({metric.fmt(metric.value(best, stage))}) **{verdict}** "
