@@ -1,8 +1,13 @@
-"""Speed of pruned models: batch-1 greedy decoding and batch prefill, dense vs 10 / 20 / 35 % MLP pruning.
+"""Speed of pruned models: batch-1 greedy decoding and batch prefill, dense vs 10 / 20 / 35 % MLP pruning
+(and, with ``--depth``, vs removing whole decoder blocks at the same fraction of the parameters).
 
 A randomly initialised model with Qwen2.5-0.5B's real shapes (float32, real 151,936-token tied LM head)
 is pruned with a seeded ``random`` plan (speed does not depend on which neurons go; the kept widths follow
 ``kept_width`` with ``multiple_of=128``). The pruned copies share every non-MLP tensor with the dense model.
+With ``--depth``, each ratio also gets a depth-pruned copy (``depth_<pct>``) that removes the number of blocks
+nearest to the width plan's fraction of the parameters (``width_param_fraction`` -> ``blocks_for_param_ratio``:
+the equal-size comparison, ``1 - params(pruned) / params(dense)``); which blocks go does not change the speed
+(the last ones before the final block are taken), and the copy shares every tensor of the blocks it keeps.
 Measured, interleaved over models and repeated (medians):
 
 * decode, ``model.generate``: ``lit_prune.eval.resources.decode_throughput`` (greedy, exactly
@@ -22,6 +27,7 @@ achieved speed-up / limit (target >= 0.9 for decode).
     python benchmarks/pruned_speed.py                       # 0.5B shapes
     python benchmarks/pruned_speed.py --layers 1 --vocab 1024 --new-tokens 4 --repeats 1 \\
         --prefill-batch 1 --prefill-len 16                  # seconds
+    python benchmarks/pruned_speed.py --depth               # width vs depth at equal size, 0.5B shapes
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ from torch import nn  # noqa: E402
 
 import _common as common  # noqa: E402
 from lit_prune.eval.resources import count_parameters, decode_throughput, prefill_throughput  # noqa: E402
-from lit_prune.pruning import NeuronStats, PruneSpec, find_swiglu_mlps, make_plan  # noqa: E402
+from lit_prune.pruning import (  # noqa: E402
+    NeuronStats,
+    PruneSpec,
+    blocks_for_param_ratio,
+    find_swiglu_mlps,
+    make_plan,
+    remove_blocks,
+    width_param_fraction,
+)
 
 NAME = "pruned_speed"
 TARGET = 0.9
@@ -61,6 +75,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--prefill-repeats", type=common.positive, default=3, help="timed prefill rounds")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--multiple-of", type=common.positive, default=128)
+    parser.add_argument("--depth", action="store_true",
+                        help="also time depth-pruned copies at the width plans' fractions of the parameters")
     args = parser.parse_args(argv)
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     return args
@@ -87,6 +103,23 @@ def pruned_copy(model: nn.Module, ratio: float, multiple_of: int, seed: int = 42
                      PruneSpec(ratio, "random", multiple_of=multiple_of, seed=seed)).plan
     plan.apply(clone)
     return clone.eval(), plan
+
+
+def depth_copy(model: nn.Module, param_fraction: float) -> tuple[nn.Module, list[int]]:
+    """A copy of ``model`` without the blocks nearest in size to ``param_fraction`` of its parameters (the last
+    ones before the final block); the tensors of the blocks it keeps are shared.
+
+    Raises:
+        ValueError: If the fraction rounds to no block or to every block (``blocks_for_param_ratio``).
+    """
+    count = blocks_for_param_ratio(model, param_fraction)
+    last = model.config.num_hidden_layers - 1
+    first = max(0, last - count)
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, memo=shared)
+    blocks = list(range(first, first + count))
+    remove_blocks(clone, blocks)
+    return clone.eval(), blocks
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -165,10 +198,21 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--vocab {config.vocab_size} is smaller than the prompt tokenizer's {len(tokenizer)} ids")
     dense = common.build_model(config)
     models: dict[str, nn.Module] = {"dense": dense}
-    plans = {}
+    plans, depth = {}, {}
     for ratio in args.ratios:
         name = f"pruned_{round(ratio * 100)}"
         models[name], plans[name] = pruned_copy(dense, ratio, args.multiple_of)
+    for ratio in args.ratios if args.depth else []:
+        fraction = width_param_fraction(dense, ratio, args.multiple_of)
+        try:
+            clone, blocks = depth_copy(dense, fraction)
+        except ValueError as error:  # too few layers for this fraction: say so, time the others
+            common.console.print(f"no depth variant at {ratio:.0%}: {error}")
+            continue
+        name = f"depth_{round(ratio * 100)}"
+        models[name] = clone
+        depth[name] = {"width": f"pruned_{round(ratio * 100)}", "width_param_fraction": fraction,
+                       "removed_blocks": blocks}
     prompt_ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
 
     prefill_tokens = args.prefill_batch * args.prefill_len
@@ -207,13 +251,17 @@ def main(argv: list[str] | None = None) -> dict:
     dense_bytes = weight_bytes_per_token(dense)
     dense_flops = prefill_flops(dense, args.prefill_batch, args.prefill_len)
     rows_out = {}
+    dense_parameters = count_parameters(dense)
     for name, model in models.items():
         bytes_per_token = weight_bytes_per_token(model)
         flops = prefill_flops(model, args.prefill_batch, args.prefill_len)
+        parameters = count_parameters(model)
         entry = {
             "kept_width": find_swiglu_mlps(model)[0].width,
             "exact_ratio": plans[name].exact_ratio if name in plans else 0.0,
-            "parameters": count_parameters(model),
+            "num_layers": model.config.num_hidden_layers,
+            "param_fraction": 1.0 - parameters / dense_parameters,
+            "parameters": parameters,
             "weight_bytes_per_token": bytes_per_token,
             "decode_limit": dense_bytes / bytes_per_token,
             "prefill_flops": flops,
@@ -254,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         "headline_clock": clock,
         "generate_overhead_ms_per_token": generate_overhead_ms,
         "decode_speedup_over_limit": headline,
+        "depth": depth,
         "target": TARGET,
         "meets_target": all(v >= TARGET for v in headline.values()),
         "paper_table5": PAPER_TABLE5,
@@ -262,21 +311,24 @@ def main(argv: list[str] | None = None) -> dict:
     for name, entry in rows_out.items():
         generate, loop, prefill = entry["generate"][clock], entry["loop"][clock], entry["prefill"][clock]
         decode_rows.append((
-            name, entry["kept_width"], f"{entry['exact_ratio']:.1%}", f"{entry['weight_bytes_per_token'] / 2**20:,.0f}",
+            name, entry["num_layers"], entry["kept_width"], f"{entry['exact_ratio']:.1%}",
+            f"{entry['param_fraction']:.1%}", f"{entry['weight_bytes_per_token'] / 2**20:,.0f}",
             f"{entry['decode_limit']:.3f}",
             f"{generate['median_tokens_per_s']:.2f}", f"{generate['speedup']:.3f}",
             f"{generate['speedup_over_limit']:.2f}",
             f"{loop['median_tokens_per_s']:.2f}", f"{loop['speedup']:.3f}", f"{loop['speedup_over_limit']:.2f}",
         ))
         prefill_rows.append((
-            name, entry["kept_width"], f"{entry['prefill_flops'] / 1e9:,.1f}", f"{entry['prefill_limit']:.3f}",
+            name, entry["num_layers"], entry["kept_width"], f"{entry['prefill_flops'] / 1e9:,.1f}",
+            f"{entry['prefill_limit']:.3f}",
             f"{prefill['median_tokens_per_s']:,.0f}", f"{prefill['spread']:.1%}", f"{prefill['speedup']:.3f}",
             f"{prefill['speedup_over_limit']:.2f}",
         ))
     title = f"Qwen2.5-{args.model} shapes ({config.num_hidden_layers} layers, vocab {config.vocab_size}, float32)"
     common.print_table(
         f"Batch-1 greedy decode, {title}",
-        ["model", "d_ff", "pruned", "weights MiB/token", "limit", "generate tok/s", "speed-up", "/ limit",
+        ["model", "layers", "d_ff", "neurons pruned", "params removed", "weights MiB/token", "limit",
+         "generate tok/s", "speed-up", "/ limit",
          "bare loop tok/s", "speed-up", "/ limit"],
         decode_rows,
         caption=f"{clock} clock; {args.new_tokens} new tokens, {args.repeats} interleaved rounds (medians; speed-ups "
@@ -285,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     common.print_table(
         f"Prefill {args.prefill_batch} x {args.prefill_len}, {title}",
-        ["model", "d_ff", "GFLOP/pass", "FLOP limit", "tok/s", "spread", "speed-up", "/ limit"],
+        ["model", "layers", "d_ff", "GFLOP/pass", "FLOP limit", "tok/s", "spread", "speed-up", "/ limit"],
         prefill_rows,
         caption=f"{clock} clock; {args.prefill_repeats} interleaved rounds\n" + common.machine_line(info),
     )

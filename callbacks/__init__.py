@@ -2,11 +2,12 @@
 
 Installed and imported as ``lit_prune.callbacks``::
 
-    from lit_prune.callbacks import ActivationCaptureCallback, SelectivityPruneCallback
+    from lit_prune.callbacks import ActivationCaptureCallback, DepthPruneCallback, SelectivityPruneCallback
 """
 
 from lit_prune.callbacks.capture import ActivationCaptureCallback
+from lit_prune.callbacks.depth import DepthPruneCallback
 from lit_prune.callbacks.prune import SelectivityPruneCallback
 from lit_prune.callbacks.sparsity import WeightSparsityCallback
 
-__all__ = ["ActivationCaptureCallback", "SelectivityPruneCallback", "WeightSparsityCallback"]
+__all__ = ["ActivationCaptureCallback", "DepthPruneCallback", "SelectivityPruneCallback", "WeightSparsityCallback"]

@@ -126,8 +126,31 @@ def prune_callbacks(trainer: L.Trainer) -> list:
     return [c for c in trainer.callbacks if isinstance(c, SelectivityPruneCallback)]
 
 
+def check_depth_first(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Raise if a ``DepthPruneCallback`` of this Trainer has not removed its blocks from ``pl_module`` yet.
+
+    Width statistics, plans and masks index the decoder layers, so they must be made on the blocks that remain:
+    the depth callback comes first in ``trainer.callbacks``. Called before any width capture.
+
+    Args:
+        trainer: The Trainer whose callbacks are checked.
+        pl_module: The module being pruned (it records the applied plan as ``depth_plan``).
+
+    Raises:
+        ValueError: Saying to list DepthPruneCallback first.
+    """
+    from lit_prune.callbacks.depth import DepthPruneCallback
+
+    applied = getattr(pl_module, "depth_plan", None)
+    if any(isinstance(c, DepthPruneCallback) and (c.plan is None or c.plan is not applied) for c in trainer.callbacks):
+        raise ValueError("a DepthPruneCallback comes after the width callbacks in `trainer.callbacks`: width "
+                         "statistics and plans must be made on the blocks that remain; list DepthPruneCallback "
+                         "before ActivationCaptureCallback and SelectivityPruneCallback")
+
+
 def check_not_pruned_elsewhere(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """Raise if the model arrived pruned (e.g. a lit_prune export) and a prune callback would prune it again.
+    """Raise if the model arrived pruned (e.g. a lit_prune export) and a prune callback would prune it again, or
+    a depth callback has yet to remove its blocks (:func:`check_depth_first`).
 
     A plan that one of this Trainer's prune callbacks applied (the demo tests, then fits, the same module) is
     fine; a plan loaded with the model is not: pruning a pruned model again by another ratio would silently do
@@ -136,6 +159,7 @@ def check_not_pruned_elsewhere(trainer: L.Trainer, pl_module: L.LightningModule)
     Raises:
         ValueError: Naming the model's plan and the two ways out.
     """
+    check_depth_first(trainer, pl_module)
     plan = applied_plan(pl_module)
     callbacks = prune_callbacks(trainer)
     if plan is None or not callbacks or any(c.plan is plan for c in callbacks):

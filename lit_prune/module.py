@@ -425,9 +425,11 @@ class PrunableCausalLM(L.LightningModule):
 
     def _reference_model(self) -> str:
         """The model whose distractor outputs this model is compared with: the one that was pruned."""
+        if self._original is not None:  # recorded before the first change (depth and sparsity run before width)
+            return self._original["model"]
         if self.prune_plan is not None:
             return str(self.prune_plan.provenance.get("model", self.model_source))
-        return (self._original or {}).get("model", self.model_source)
+        return self.model_source
 
     def _reference_cache(self):
         from lit_prune.eval.similarity import OutputCache
@@ -451,10 +453,10 @@ class PrunableCausalLM(L.LightningModule):
 
     def _reference_fingerprint(self) -> str | None:
         """Fingerprint of the original weights: a folder retrained in place must not reuse old outputs."""
-        if self.prune_plan is not None:
-            return self.prune_plan.provenance.get("model_fingerprint")
         if self._original is not None:
             return self._original["model_fingerprint"]
+        if self.prune_plan is not None:
+            return self.prune_plan.provenance.get("model_fingerprint")
         if self._dense_fingerprint is None:
             model = self.model.get_base_model() if self.is_lora_wrapped else self.model
             self._dense_fingerprint = model_fingerprint(model)
@@ -673,6 +675,7 @@ class PrunableCausalLM(L.LightningModule):
         if final.get("depth_plan") is not None:  # blocks first: the width plan indexes the remaining ones
             depth = DepthPlan.from_dict(final["depth_plan"])
             if not depth.is_applied(self.model):
+                self.record_modification(depth.label)  # the parent still holds the dense weights here
                 depth.apply(self.model)
             self.set_depth_plan(depth)
         if final["plan"] is not None:
