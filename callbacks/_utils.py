@@ -75,6 +75,17 @@ def resume_plan(trainer: L.Trainer) -> PrunePlan | None:
 Text = tuple[str, "str | None"]
 
 
+def check_sizes(**sizes) -> None:
+    """Raise unless every keyword (``batch_size=8, max_length=512``) is an integer >= 1.
+
+    Raises:
+        ValueError: Naming the first argument that is not, and its value.
+    """
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+
+
 def text_list(name: str, values: Sequence[str] | None) -> list[str] | None:
     """``values`` as a list of strings (None stays None).
 

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import (
+    check_sizes,
     Text,
     applied_plan,
     check_not_pruned_elsewhere,
@@ -34,6 +35,7 @@ from lit_prune.callbacks._utils import (
     resume_plan,
     text_pairs,
 )
+from lit_prune.data.batching import labelled_batches
 from lit_prune.pruning.engine import CAPTURE_TOKENS
 from lit_prune.pruning.stats import (
     GROUPS,
@@ -123,9 +125,7 @@ class ActivationCaptureCallback(Callback):
         super().__init__()
         texts = {"target": text_pairs("target", target_prompts, target_responses),
                  "distractor": text_pairs("distractor", distractor_prompts, distractor_responses)}
-        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+        check_sizes(batch_size=batch_size, max_length=max_length)
         if capture is not None and capture not in CAPTURE_TOKENS:
             raise ValueError(f"`capture` must be one of {CAPTURE_TOKENS} or None; got {capture!r}")
         if aggregation is not None:
@@ -349,37 +349,11 @@ class ActivationCaptureCallback(Callback):
 
     def _batches(self, tokenizer, texts: list[Text], capture: str,
                  group: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Tokenize, cut to ``max_length`` (counted), sort by length and right-pad into batches.
-
-        Labels (for the gradient pass) are the response tokens, or every token of a text without a response.
-        """
-        if not texts:
-            return []
-        prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
-        rows = []
-        for (prompt, response), ids in zip(texts, prompts):
-            labels = list(ids)
-            if capture == "response" and response:
-                answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                labels = [-100] * len(ids) + answer
-                ids = ids + answer
-            if len(ids) > self.max_length:
-                self.truncated[group] = self.truncated.get(group, 0) + 1
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
-            rows.append((ids, labels))
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-        batches = []
-        for start in range(0, len(order), self.batch_size):
-            chunk = [rows[i] for i in order[start:start + self.batch_size]]
-            width = max(1, max(len(ids) for ids, _ in chunk))
-            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for i, (ids, row_labels) in enumerate(chunk):
-                input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                mask[i, : len(ids)] = 1
-                labels[i, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
-            batches.append((input_ids, mask, labels))
+        """:func:`~lit_prune.data.batching.labelled_batches` with this callback's sizes; cut texts are counted per
+        group in ``truncated``."""
+        batches, cut = labelled_batches(tokenizer, texts, capture, self.max_length, self.batch_size)
+        if cut:
+            self.truncated[group] = self.truncated.get(group, 0) + cut
         return batches
 
 

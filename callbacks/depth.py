@@ -5,7 +5,7 @@ the width callbacks. Its :class:`~lit_prune.pruning.depth.DepthSpec` is validate
 against the model (block indices, the count a ratio rounds to, at least one block left) before any forward pass.
 It scores the blocks on the calibration texts (the datamodule's ``capture_texts(tokenizer)`` groups, the same
 target/distractor sets width pruning captures on, or explicit texts), tokenized and batched by the capture
-callback's own batcher (prompt + reference response, labels on the response), sharded over the ranks and summed
+callbacks' one batcher (:func:`~lit_prune.data.batching.labelled_batches`: prompt + reference response, labels on the response), sharded over the ranks and summed
 with ``trainer.strategy.reduce`` before any decision; then it removes the blocks
 (:meth:`~lit_prune.pruning.depth.DepthPlan.apply`).
 
@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import (
+    check_sizes,
     Text,
     applied_plan,
     datamodule_texts,
@@ -44,6 +45,7 @@ from lit_prune.callbacks._utils import (
     text_pairs,
 )
 from lit_prune.callbacks.capture import ActivationCaptureCallback, check_output_path
+from lit_prune.data.batching import labelled_batches
 from lit_prune.io import atomic_write_text
 from lit_prune.pruning.depth import (
     DEFAULT_DEPTH_CRITERION,
@@ -123,8 +125,8 @@ class DepthPruneCallback(Callback):
                               capture, keep_first, keep_last)
         self.texts = {"target": text_pairs("target", target_prompts, target_responses),
                       "distractor": text_pairs("distractor", distractor_prompts, distractor_responses)}
-        # The capture callback's tokenizer/batcher (and its checks of batch_size/max_length), reused, not copied.
-        self._batcher = ActivationCaptureCallback(batch_size=batch_size, max_length=max_length, progress=False)
+        check_sizes(batch_size=batch_size, max_length=max_length)
+        self.batch_size, self.max_length = batch_size, max_length
         check_output_path("plan_path", plan_path)
         self.plan_path = plan_path
         self.tokenizer = tokenizer
@@ -261,21 +263,22 @@ class DepthPruneCallback(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             rank, world = 0, 1
-        self._batcher.truncated = {}
-        batches = [batch for group, group_texts in texts.items()
-                   for batch in self._batcher._batches(tokenizer, group_texts[rank::world], self.spec.capture, group)]
+        batches, cut = [], {}
+        for group, group_texts in texts.items():
+            group_batches, cut[group] = labelled_batches(tokenizer, group_texts[rank::world], self.spec.capture,
+                                                         self.max_length, self.batch_size)
+            batches += group_batches
         device = trainer.strategy.root_device
-        self.truncated = {g: int(trainer.strategy.reduce(torch.tensor(float(self._batcher.truncated.get(g, 0)),
-                                                                      device=device), reduce_op="sum"))
+        self.truncated = {g: int(trainer.strategy.reduce(torch.tensor(float(cut[g]), device=device), reduce_op="sum"))
                           for g in texts}
         for group, count in self.truncated.items():
             if count:
                 rank_zero_warn(f"depth calibration: {count} of {len(texts[group])} {group} texts were longer than "
-                               f"max_length={self._batcher.max_length} tokens and were cut")
+                               f"max_length={self.max_length} tokens and were cut")
         pl_module.to(device)
         capture = self.spec.capture
         provenance = {
-            "calibration": self.spec.calibration, "capture": capture, "max_length": self._batcher.max_length,
+            "calibration": self.spec.calibration, "capture": capture, "max_length": self.max_length,
             "world_size": world, "texts": {g: len(t) for g, t in texts.items()},
             "texts_hash": {g: prompt_set_hash(f"{p}\x01{r or ''}" if capture == "response" else p for p, r in t)
                            for g, t in texts.items()},

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import (
+    check_sizes,
     Text,
     datamodule_texts,
     find_causal_lm,
@@ -53,6 +54,7 @@ from lit_prune.callbacks._utils import (
     resume_checkpoint,
     text_pairs,
 )
+from lit_prune.data.batching import labelled_batches
 from lit_prune.pruning.engine import CAPTURE_TOKENS
 from lit_prune.pruning.plan import CHECKPOINT_KEY
 from lit_prune.pruning.sparsity import SparsityResult, SparsitySpec, prune_model
@@ -70,30 +72,10 @@ SPARSITY_KEY = "sparsity"
 
 def calibration_batches(tokenizer, texts: Sequence[Text], capture: str = "response", max_length: int = 512,
                         batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Tokenize ``(prompt, response or None)`` pairs, cut them to ``max_length``, sort by length and right-pad.
-
-    With ``capture="response"`` a text is its prompt, its response and EOS (teacher-forced, as the fine-tune set);
-    with ``prompt`` the prompt only. Texts without a token are dropped.
-    """
-    rows = []
-    for prompt, response in texts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if capture == "response" and response:
-            ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if ids:
-            rows.append(ids[:max_length])
-    rows.sort(key=len)
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, : len(ids)] = 1
-        batches.append((input_ids, mask))
-    return batches
+    """``(input_ids, attention_mask)`` batches of :func:`~lit_prune.data.batching.labelled_batches` (texts with
+    neither a prompt nor a response are dropped)."""
+    texts = [(p, r) for p, r in texts if p or (capture == "response" and r)]
+    return [(ids, mask) for ids, mask, _ in labelled_batches(tokenizer, texts, capture, max_length, batch_size)[0]]
 
 
 class WeightSparsityCallback(Callback):
@@ -158,9 +140,7 @@ class WeightSparsityCallback(Callback):
             raise ValueError(f"`calibration` must be one of {CALIBRATION_GROUPS}; got {calibration!r}")
         if capture not in CAPTURE_TOKENS:
             raise ValueError(f"`capture` must be one of {CAPTURE_TOKENS}; got {capture!r}")
-        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+        check_sizes(batch_size=batch_size, max_length=max_length)
         texts = {"target": text_pairs("target", target_prompts, target_responses),
                  "distractor": text_pairs("distractor", distractor_prompts, distractor_responses)}
         self.calibration = calibration

@@ -31,10 +31,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from lit_prune.callbacks.capture import ActivationCaptureCallback
 from lit_prune.callbacks.prune import SelectivityPruneCallback
-from lit_prune.callbacks.sparsity import calibration_batches
+from lit_prune.data.batching import labelled_batches
 from lit_prune.data.datamodule import PruneDataModule
 from lit_prune.eval.resources import compression_ratio
 from lit_prune.module import PrunableCausalLM
+from lit_prune.pruning.depth import DepthSpec, make_depth_plan, width_param_fraction
 from lit_prune.pruning.engine import CAPTURE_TOKENS, PruneSpec, make_plan
 from lit_prune.pruning.importance import CRITERIA
 from lit_prune.pruning.plan import kept_width, validate_ratio
@@ -188,6 +189,8 @@ class LitPruneTrainer(L.Trainer):
         sparsity_methods: list[str] | None = None,
         sparsity_patterns: list[str] | None = None,
         sparsity_targets: list[str] | None = None,
+        depth_criteria: list[str] | None = None,
+        depth_keep_ends: bool = True,
         modes: list[str] | None = None,
         recover_modes: list[str] | None = None,
     ) -> dict:
@@ -221,6 +224,13 @@ class LitPruneTrainer(L.Trainer):
                 ``down_proj``, the weights width pruning removes, so the two compare the same matrices; list
                 ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` too to spread the same number of zeros over every
                 decoder linear, as the NSA study does).
+            depth_criteria: Depth criteria (``block_influence``, ``ppl``, ``taylor_block``) to set beside width at
+                equal size (default: none): at every ratio the block count nearest to the fraction of the
+                parameters width pruning removes there (``width_param_fraction``), scored once per criterion on
+                the target capture texts (labels on the responses). A ratio that rounds to no block (or to more
+                than the candidates) is skipped and listed in the report.
+            depth_keep_ends: Keep the first and last blocks out of the candidates (Shortened LLaMA's heuristic; the
+                callback's default).
             modes: Deprecated name of ``criteria``.
             recover_modes: Deprecated name of ``recover``.
 
@@ -266,7 +276,9 @@ class LitPruneTrainer(L.Trainer):
             raise ValueError(f"`recover_ratios` {stray} are not among `ratios` {ratios}")
         sparse_variants = _sparsity_variants(model.model, ratios, multiple_of, sparsity_methods, sparsity_patterns,
                                              sparsity_targets)
-        names += [n for n in dict.fromkeys(n for n, _, _ in sparse_variants) if n not in names]
+        depth_variants, depth_skipped = _depth_variants(model.model, ratios, multiple_of, depth_criteria,
+                                                        depth_keep_ends)
+        names += [n for n in dict.fromkeys(n for n, _, _ in sparse_variants + depth_variants) if n not in names]
         if recover is not None:
             unknown = [n for n in recover if n not in names]
             if unknown:
@@ -289,7 +301,7 @@ class LitPruneTrainer(L.Trainer):
         self.variant_trainer().test(dense_module, datamodule=datamodule, verbose=False)
         dense = dense_module.test_results
         del dense_module
-        total = len(variants) + len(sparse_variants)
+        total = len(variants) + len(sparse_variants) + len(depth_variants)
         for index, (name, ratio, spec) in enumerate(variants):
             rank_zero_info(f"sweep [{index + 1}/{total}] {name} at {ratio:.0%}")
             variant = self._fresh(model, f"{name}@{ratio:.2f}", work / "eval")
@@ -313,8 +325,9 @@ class LitPruneTrainer(L.Trainer):
             rank_zero_info(f"sweep [{index + 1}/{total}] {name} ({sparse.label}) at the size of width {ratio:.0%}")
             if calibration is None:
                 template = self._callback(ActivationCaptureCallback) or ActivationCaptureCallback()
-                calibration = calibration_batches(model.tokenizer, datamodule.capture_texts(model.tokenizer)["target"],
-                                                  capture, template.max_length, template.batch_size)
+                calibration = [(ids, mask) for ids, mask, _ in labelled_batches(
+                    model.tokenizer, datamodule.capture_texts(model.tokenizer)["target"], capture,
+                    template.max_length, template.batch_size)[0]]
             variant = self._fresh(model, f"{name}@{ratio:.2f}", work / "eval")
             variant.record_modification(sparse.label)
             result = prune_model(variant.model, calibration, sparse, provenance={"model": model.model_source})
@@ -329,12 +342,16 @@ class LitPruneTrainer(L.Trainer):
                 run["measured_recovered"] = measure_sparsity(variant.model, sparse.targets, sparse.n_m)
             structure_runs.append(run)
             del variant
+        structure_runs += self._depth_runs(model, datamodule, depth_variants, capture, dense, work, recover,
+                                           recover_ratios, recovery_steps, start=len(variants) + len(sparse_variants),
+                                           total=total)
         reference = stats.get("prompt") or next(iter(stats.values()))
         summary = {"dense": dense, "runs": runs, "multiple_of": multiple_of, "width": reference.width,
                    "num_layers": reference.num_layers, "recovery_steps": recovery_steps,
                    "model": model.model_name_or_path, "wall_time_s": time.perf_counter() - started,
                    "capture_s": capture_seconds, "layer_counts": _layer_counts(reference),
-                   "default_criterion": prune.spec.label if prune else None, "structure_runs": structure_runs}
+                   "default_criterion": prune.spec.label if prune else None, "structure_runs": structure_runs,
+                   "depth_skipped": depth_skipped}
         if self.is_global_zero:
             from lit_prune.sweep_report import write_sweep_report
 
@@ -342,6 +359,36 @@ class LitPruneTrainer(L.Trainer):
             report = write_sweep_report(summary, out)
             rank_zero_info(f"sweep finished in {summary['wall_time_s'] / 60:.1f} min; report {report}")
         return summary
+
+    def _depth_runs(self, model, datamodule, depth_variants, capture, dense, work, recover, recover_ratios,
+                    recovery_steps, start: int, total: int) -> list[dict]:
+        """Remove blocks from fresh copies (scores computed once per criterion), evaluate, recover."""
+        runs, scores, batches = [], {}, None
+        for index, (name, ratio, spec) in enumerate(depth_variants, start=start):
+            rank_zero_info(f"sweep [{index + 1}/{total}] {name} at the size of width {ratio:.0%}")
+            if batches is None:
+                template = self._callback(ActivationCaptureCallback) or ActivationCaptureCallback()
+                batches = labelled_batches(model.tokenizer, datamodule.capture_texts(model.tokenizer)["target"],
+                                           capture, template.max_length, template.batch_size)[0]
+            variant = self._fresh(model, f"{name}@{ratio:.2f}", work / "eval")
+            begin = time.perf_counter()
+            plan = make_depth_plan(variant.model, batches, spec, provenance={"model": model.model_source},
+                                   scores=scores.get(spec.criterion))
+            scores.setdefault(spec.criterion, plan.scores)
+            seconds = time.perf_counter() - begin
+            variant.record_modification(plan.label)
+            plan.apply(variant.model)
+            variant.set_depth_plan(plan)
+            self.variant_trainer().test(variant, datamodule=datamodule, verbose=False)
+            run = {"structure": "depth", "mode": name, "criterion": spec.criterion, "ratio": ratio,
+                   "removed_blocks": plan.removed_blocks, "order": plan.provenance.get("order"),
+                   "scores": plan.scores, "seconds": {"score": seconds}, "pruned": variant.test_results,
+                   "params_removed": params_removed(variant.test_results, dense)}
+            if name in recover and ratio in recover_ratios:
+                run["recovered"] = self._recover(variant, f"{name}+lora@{ratio:.2f}", datamodule, recovery_steps)
+            runs.append(run)
+            del variant
+        return runs
 
     def _recover(self, variant: PrunableCausalLM, label: str, datamodule, steps: int,
                  masks: SparsityResult | None = None) -> dict:
@@ -429,6 +476,25 @@ def _sparsity_variants(model, ratios, multiple_of, methods, patterns, targets) -
                 spec.check_model(model)  # M must divide every targeted input width
                 variants.append((f"sparsity/{method}-{spec.pattern}", spec.sparsity, spec))
     return variants
+
+
+def _depth_variants(model, ratios, multiple_of, criteria, keep_ends) -> tuple[list[tuple[str, float, DepthSpec]],
+                                                                             list[dict]]:
+    """``(name, ratio, spec)`` of the sweep's depth axis at the sizes of the width ratios, and the ratios skipped
+    because they round to no block (or to more blocks than the candidates); an unknown criterion fails here."""
+    variants, skipped = [], []
+    for criterion in criteria or []:
+        DepthSpec(num_blocks=1, criterion=criterion)  # validates the name before any capture
+        for ratio in ratios:
+            fraction = width_param_fraction(model, ratio, multiple_of)
+            try:
+                spec = DepthSpec(ratio=fraction, criterion=criterion, keep_first=keep_ends, keep_last=keep_ends)
+                spec.check_model(model)
+            except ValueError as error:
+                skipped.append({"criterion": criterion, "ratio": ratio, "fraction": fraction, "reason": str(error)})
+                continue
+            variants.append((f"depth/{criterion}", ratio, spec))
+    return variants, skipped
 
 
 def _layer_counts(stats: NeuronStats) -> dict:

@@ -360,7 +360,8 @@ def _structure_table(summary: dict, metric: Metric) -> list[str]:
         return []
     lines = ["## Structures at equal size", "",
              "Each structure at the same number of parameters removed: unstructured masks zero as many weights as width "
-             "pruning removes at that ratio, N:M patterns sit at N/M. `removed` is 1 - params(pruned) / params(dense) "
+             "pruning removes at that ratio, N:M patterns sit at N/M, depth removes the nearest whole number of blocks "
+             "(so its size is only as close as one block allows). `removed` is 1 - params(pruned) / params(dense) "
              "with a zero weight counted as removed. Zeros are stored densely and dense kernels multiply them, so the "
              "masked models decode no faster than dense (only sparse kernels, which lit_prune does not use, could "
              "speed up 2:4). Width rows: the default criterion, the paper's selective and the best width variant. "
@@ -378,9 +379,13 @@ def _structure_table(summary: dict, metric: Metric) -> list[str]:
             if recovered and recovered.get("sss") is not None:
                 sss += f" -> {recovered['sss']:.3f}"
             removed = run.get("params_removed")
-            lines.append(f"| {100 * ratio:.1f}% | {run.get('structure', 'width')} | {run['mode']} | "
+            variant = run["mode"] + (f" (blocks {run['removed_blocks']})" if run.get("removed_blocks") else "")
+            lines.append(f"| {100 * ratio:.1f}% | {run.get('structure', 'width')} | {variant} | "
                          f"{'-' if removed is None else f'{100 * removed:.2f}'} | {acc} | {sss} | "
                          f"{pruned.get('decode_tokens_per_s', 0):.1f} |")
+    for skip in summary.get("depth_skipped") or []:
+        lines.append(f"\nDepth `{skip['criterion']}` at {100 * skip['ratio']:.0f}% ({100 * skip['fraction']:.1f}% of the "
+                     f"parameters) was skipped: {skip['reason']}")
     return lines + [""]
 
 
@@ -413,6 +418,13 @@ def _structure_findings(summary: dict, metric: Metric) -> list[str]:
                         and metric.better(metric.value(best), metric.value(default))):
                     line += f"; it beat the default `{default['mode']}` ({metric.fmt(metric.value(default))})"
                 lines.append(line + ".")
+    firsts = {}
+    for run in others:
+        if run.get("structure") == "depth" and run.get("order"):
+            firsts.setdefault(run["criterion"], run["order"][0])
+    if firsts:
+        lines.append("Depth criteria, the block each removes first: "
+                     + ", ".join(f"`{c}` block {b}" for c, b in firsts.items()) + ".")
     return lines
 
 

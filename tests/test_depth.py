@@ -24,6 +24,7 @@ from lit_prune.callbacks import (
 )
 from lit_prune.cli import cli_main
 from lit_prune.data import PruneDataModule
+from lit_prune.data.batching import labelled_batches
 from lit_prune.eval.resources import count_parameters
 from lit_prune.module import LoraSettings, PrunableCausalLM
 from lit_prune.pruning import (
@@ -387,11 +388,10 @@ def test_callback_scores_the_calibration_texts_it_is_given(tmp_path, tiny4_dir):
     trainer.strategy.connect(module)
     reference = copy.deepcopy(module.model)
     plan = callback.prune(trainer, module)
-    # The same texts through the capture callback's batcher, scored by the library: the callback adds nothing.
-    batcher = ActivationCaptureCallback(batch_size=2, progress=False)
+    # The same texts through the callbacks' batcher, scored by the library: the callback adds nothing.
     texts = list(zip(TARGET_PROMPTS, TARGET_RESPONSES))
-    batches = (batcher._batches(module.tokenizer, texts, "response", "target")
-               + batcher._batches(module.tokenizer, [("Hello, how are you?", None)], "response", "distractor"))
+    batches = (labelled_batches(module.tokenizer, texts, "response", 512, 2)[0]
+               + labelled_batches(module.tokenizer, [("Hello, how are you?", None)], "response", 512, 2)[0])
     assert plan.scores == pytest.approx(depth_scores(reference, batches, "ppl").tolist(), rel=1e-9)
     assert plan.removed_blocks == [min((1, 2), key=lambda i: plan.scores[i])]
     assert plan.provenance["texts"] == {"target": 3, "distractor": 1} and plan.provenance["dense_ppl"] > 0

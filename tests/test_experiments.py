@@ -55,17 +55,27 @@ def test_sweep_report_is_consistent_with_the_planner(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_sets_weight_sparsity_beside_width_at_equal_size(tmp_path):
+def test_sweep_sets_weight_sparsity_and_depth_beside_width_at_equal_size(tmp_path):
     model = save_tiny_model(tmp_path / "model")
     out = tmp_path / "report"
     cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
               f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--ratios=[0.4, 0.5]",
               "--criteria=[compensated]", "--paper=false", "--sparsity_methods=[magnitude, wanda]",
               "--sparsity_patterns=[unstructured, '2:4']", "--recover=[compensated, sparsity/wanda-2:4]",
-              "--recover_ratios=[0.5]", "--recovery_steps=2", f"--report_dir={out}"])
+              "--recover_ratios=[0.5]", "--recovery_steps=2", f"--report_dir={out}",
+              "--depth_criteria=[block_influence, taylor_block]", "--depth_keep_ends=false",
+              # short toy problems: the tiny config's max_length (128) would cut every GSM8K response off
+              f"--data.target={ROOT / 'checkpoints' / 'toy-math' / 'math_capture.jsonl'}"])
     summary = json.loads((out / "sweep.json").read_text())
     width = {r["ratio"]: r for r in summary["runs"]}
-    sparse = {(r["mode"], r["ratio"]): r for r in summary["structure_runs"]}
+    sparse = {(r["mode"], r["ratio"]): r for r in summary["structure_runs"] if r["structure"] == "sparsity"}
+    depth = [r for r in summary["structure_runs"] if r["structure"] == "depth"]
+    assert {(r["mode"], r["ratio"]) for r in depth} == {(f"depth/{c}", q) for c in ("block_influence", "taylor_block")
+                                                        for q in (0.4, 0.5)}
+    for run in depth:  # one of the two blocks removed: fewer parameters, no zeros
+        assert len(run["removed_blocks"]) == 1 and run["order"][0] == run["removed_blocks"][0]
+        assert run["pruned"]["parameters"] < summary["dense"]["parameters"] and run["pruned"]["zero_parameters"] == 0
+        assert run["params_removed"] > 0 and "recovered" not in run
     assert set(sparse) == {("sparsity/magnitude", 0.4), ("sparsity/magnitude", 0.5), ("sparsity/wanda", 0.4),
                            ("sparsity/wanda", 0.5), ("sparsity/magnitude-2:4", 0.5), ("sparsity/wanda-2:4", 0.5)}
     hidden, layers = 64, 2  # the tiny model: 2 layers, hidden 64, d_ff 256
@@ -84,6 +94,7 @@ def test_sweep_sets_weight_sparsity_beside_width_at_equal_size(tmp_path):
     assert recovered["recovered"]["sparsity"]["overall"] > 0
     report = (out / "report.md").read_text()
     assert "## Structures at equal size" in report and "| 50.0% | sparsity | sparsity/wanda-2:4 |" in report
+    assert f"| 50.0% | depth | depth/block_influence (blocks {depth[0]['removed_blocks']}) |" in report
     assert "fig_structures_equal_size.png" in report and (out / "fig_structures_equal_size.png").stat().st_size > 1000
     assert "The dense model scores 0" in report  # so no structure verdicts (the random model cannot answer)
 
@@ -107,6 +118,10 @@ def test_sweep_rejects_bad_arguments(tmp_path):
         cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
                   f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--criteria=[random]",
                   "--sparsity_methods=[wanda_sp]"])
+    with pytest.raises(ValueError, match=r"`criterion` must be one of \('block_influence'"):
+        cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
+                  f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--criteria=[random]",
+                  "--depth_criteria=[magnitude]"])
     with pytest.raises(ValueError, match="`sparsity_methods` is empty"):
         cli_main(["sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
                   f"--trainer.default_root_dir={tmp_path}", *_data_args(), "--criteria=[random]",

@@ -714,7 +714,7 @@ class DepthPlan:
 
 
 def make_depth_plan(model: nn.Module, batches: Iterable[Batch], spec: DepthSpec, reduce: Reduce | None = None,
-                    provenance: dict | None = None) -> DepthPlan:
+                    provenance: dict | None = None, scores: Sequence[float] | None = None) -> DepthPlan:
     """Score the blocks of ``model`` (unless ``spec.blocks`` lists them) and plan their removal.
 
     Args:
@@ -723,6 +723,8 @@ def make_depth_plan(model: nn.Module, batches: Iterable[Batch], spec: DepthSpec,
         spec: What to remove.
         reduce: Cross-rank sum of the streamed statistics (see :func:`depth_scores`).
         provenance: Extra provenance for the plan (model name, texts, ...).
+        scores: The criterion's scores of this model's blocks, computed before (:func:`depth_scores`, e.g. once for
+            several block counts); ``batches`` are then not read.
 
     Returns:
         The plan; the candidates in removal order (least important first) are in ``provenance["order"]``.
@@ -739,9 +741,13 @@ def make_depth_plan(model: nn.Module, batches: Iterable[Batch], spec: DepthSpec,
     if spec.blocks is not None:
         criterion, scores, removed = EXPLICIT, None, list(spec.blocks)
     else:
-        tensor, extra = _scores(model, list(batches), spec.criterion, reduce)
-        info.update(extra)
-        scores = tensor.tolist()
+        if scores is None:
+            tensor, extra = _scores(model, list(batches), spec.criterion, reduce)
+            info.update(extra)
+            scores = tensor.tolist()
+        elif len(scores) != len(blocks):
+            raise ValueError(f"`scores` must hold one score per block ({len(blocks)}); got {len(scores)}")
+        scores = [float(v) for v in scores]
         order = sorted(spec.candidates(len(blocks)), key=lambda i: (scores[i], i))
         criterion, removed = spec.criterion, sorted(order[:count])
         info["order"] = order

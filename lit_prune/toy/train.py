@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-from lit_prune.data import Example, SupervisedCollator, format_prompt, tokenize_supervised
+from lit_prune.data import Example, SupervisedCollator, tokenize_supervised
 from lit_prune.data.prompts import MATH_INSTRUCTION
 from lit_prune.module import atomic_directory
 from lit_prune.tokenizer import build_tokenizer
