@@ -126,7 +126,9 @@ class LitPruneTrainer(L.Trainer):
             paper = PruneSpec.paper(prune.ratio, multiple_of=prune.multiple_of, seed=prune.spec.seed)
             stats = self._statistics(model, datamodule, [paper], Path(self.default_root_dir) / "demo-paper")[
                 "prompt"]
-            baseline = self._fresh(model, "selective (paper)", Path(self.default_root_dir) / "eval")
+            # Beside the other evaluations (the model's output_dir), under its own label.
+            baseline = self._fresh(model, "selective (paper)",
+                                   Path(model.suite.settings.output_dir or Path(self.default_root_dir) / "eval"))
             result = make_plan(baseline.model, stats, paper, provenance={"model": model.model_source})
             result.apply(baseline.model)
             baseline.set_prune_plan(result.plan)

@@ -234,6 +234,7 @@ class PrunableCausalLM(L.LightningModule):
         self._original: dict | None = None
         self.depth_plan: DepthPlan | None = self._exported_depth_plan(model_name_or_path)
         self.exported_to: Path | None = None
+        self.recovery_steps = 0  # optimizer steps of finished fits: a fresh Trainer's test still labels "+lora"
         self.suite = EvaluationSuite(evaluation or EvalSettings())
         self.test_results: dict | None = None
 
@@ -414,7 +415,8 @@ class PrunableCausalLM(L.LightningModule):
             return self.suite.settings.label
         if not self.is_modified:
             return "dense"
-        recovered = self.lora is not None and self._trainer is not None and self.trainer.global_step > 0
+        recovered = self.lora is not None and (self.recovery_steps > 0 or (
+            self._trainer is not None and self.trainer.global_step > 0))
         parts = ([f"{self.prune_plan.label}-{self.prune_plan.ratio:.0%}"] if self.prune_plan is not None else [])
         return "+".join(parts + self.modifications) + ("+lora" if recovered else "")
 
@@ -601,6 +603,7 @@ class PrunableCausalLM(L.LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        self.recovery_steps += self.trainer.global_step  # the label of later evaluations says "+lora"
         if self.export_dir:
             self.export(self.export_dir)
         self._hand_over_to_parent_process()

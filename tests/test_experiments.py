@@ -173,3 +173,19 @@ def test_report_ranks_by_target_nll_when_nothing_was_generated(tmp_path):
 
 
 PAPER_MODE = "selective/paper"
+
+
+@pytest.mark.slow
+def test_demo_keeps_every_evaluation(tmp_path):
+    """Dense, the paper's selective, the default criterion and it after LoRA: four rows and four result files (the
+    recovered evaluation runs on a fresh Trainer and must not overwrite the pruned one's)."""
+    model = save_tiny_model(tmp_path / "model")
+    cli_main(["demo", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name_or_path={model}",
+              f"--trainer.default_root_dir={tmp_path}", f"--model.export_dir={tmp_path / 'export'}",
+              f"--model.evaluation.output_dir={tmp_path / 'eval'}", *_data_args()])
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["label"].split(" (")[0] for r in demo["results"]] == ["dense", "pruned 25.0%", "pruned 25.0%",
+                                                                     "compensated + LoRA"]
+    files = sorted(p.name for p in (tmp_path / "eval").glob("*.json"))
+    assert files == ["compensated-25pct+lora.json", "compensated-25pct.json", "dense.json", "selective__paper_.json"]
+    assert len({json.loads((tmp_path / "eval" / f).read_text())["label"] for f in files}) == 4
