@@ -50,7 +50,8 @@ class EvalSettings:
         max_new_tokens_distractor: Budget for QnA and dialogue prompts.
         stop_at_boxed: End math generations at the first complete ``\\boxed{}`` (the paper's Type 1 mitigation;
             off to measure traps).
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts per ``generate`` call of the original model's reference outputs (the evaluated
+            model's batches are the datamodule's ``eval_batch_size``).
         humaneval_timeout: Seconds per HumanEval task (the paper: 3).
         humaneval_workers: Processes executing HumanEval programs.
         bertscore_model: BERTScore model for QnA similarity (a hub name, a local folder or

@@ -63,7 +63,14 @@ class LitPruneTrainer(L.Trainer):
         arguments = dict(self._init_arguments)
         arguments.update(callbacks=[], logger=False, enable_checkpointing=False, enable_model_summary=False)
         arguments.update(overrides)
-        return L.Trainer(**arguments)
+        # Lightning's "GPU available / TPU / tip" banner was printed once by this Trainer: not again per variant.
+        banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = banner.level
+        banner.setLevel(logging.WARNING)
+        try:
+            return L.Trainer(**arguments)
+        finally:
+            banner.setLevel(level)
 
     def _callback(self, kind):
         return next((c for c in self.callbacks if isinstance(c, kind)), None)

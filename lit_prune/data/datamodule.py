@@ -219,7 +219,9 @@ class PruneDataModule(L.LightningDataModule):
             finetune: Source(s) of prompt/response pairs for LoRA recovery (None: no fine-tune set).
             finetune_samples: Fine-tune examples to use (all when None).
             val_samples: Fine-tune examples held out for validation loss (0 turns validation off).
-            max_length: Longest token sequence for capture, fine-tuning and perplexity; longer ones are cut.
+            max_length: Longest token sequence (prompt + response) for fine-tuning and perplexity: longer
+                fine-tune examples are left out (a cut response would teach a truncated answer). Capture has
+                its own ``max_length`` on the capture callback (texts are cut there, and counted).
             batch_size: Fine-tune micro-batch size per device.
             shuffle: Shuffle the fine-tune set every epoch (seeded by ``seed`` and the epoch).
             num_workers: DataLoader worker processes.
