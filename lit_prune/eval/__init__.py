@@ -49,6 +49,7 @@ _EXPORTS = {
     "run_tests": "lit_prune.eval.humaneval",
     "sanitize_completion": "lit_prune.eval.humaneval",
     "sbert_cosine": "lit_prune.eval.similarity",
+    "sbert_embeddings": "lit_prune.eval.similarity",
     "sequence_nll": "lit_prune.eval.perplexity",
     "text_tokens": "lit_prune.eval.perplexity",
 }

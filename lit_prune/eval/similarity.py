@@ -28,6 +28,7 @@ __all__ = [
     "default_sbert_path",
     "distractor_similarity",
     "sbert_cosine",
+    "sbert_embeddings",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,43 @@ def _sbert_model(model_name_or_path: str, device: str) -> Any:
             ) from error
         log.info("Loaded SBERT model %s on %s", model_name_or_path, device)
     return _SBERT_MODELS[key]
+
+
+def sbert_embeddings(
+    texts: Sequence[str],
+    model_name_or_path: str = DEFAULT_SBERT_MODEL,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Unit-norm SBERT embeddings of ``texts`` (the model is loaded and cached as for :func:`sbert_cosine`).
+
+    Args:
+        texts: Texts to embed (at least one).
+        model_name_or_path: A sentence-transformers model name or local folder (offline: a local folder such as
+            :func:`default_sbert_path`).
+        batch_size: Encoding batch size, ``>= 1``.
+        device: Device; ``None`` picks CUDA when available.
+
+    Returns:
+        A float32 CPU tensor of shape ``(len(texts), dim)`` whose rows have L2 norm 1.
+
+    Raises:
+        ValueError: If ``texts`` is empty or holds non-strings, or ``batch_size < 1``.
+        OSError: If the model cannot be loaded.
+    """
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ValueError(f"`texts` must be a list of strings; got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"`texts[{index}]` must be a str; got {type(text).__name__}")
+    if not texts:
+        raise ValueError("`texts` must hold at least one text; got an empty list")
+    _check_batch_size(batch_size)
+    model = _sbert_model(str(model_name_or_path), _resolve_device(device))
+    with torch.inference_mode():
+        embeddings = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+    return embeddings.float().cpu()
 
 
 def sbert_cosine(

@@ -447,7 +447,8 @@ class ActivationRecorder:
                 flat = chunk.reshape(-1, width)[weights.reshape(-1) > 0]
                 gram_sum.addmm_(flat.T, flat)
         tokens = mask.sum(dim=1, keepdim=True)
-        prompt_means = (abs_sum / tokens).double()  # observe() never passes an empty prompt
+        # A row without a selected token (possible only with `token_mask`) adds 0 and is not counted as a prompt.
+        prompt_means = (abs_sum / tokens.clamp_min(1.0)).double()
         target = state[f"{group}.abs_sum"].device
         state[f"{group}.abs_sum"][layer].add_(abs_sum.double().sum(0).to(target))
         state[f"{group}.sum"][layer].add_(signed_sum.double().sum(0).to(target))
@@ -486,25 +487,40 @@ class ActivationRecorder:
         return (input_ids, attention_mask, *others)
 
     @torch.no_grad()
-    def observe(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: str) -> None:
+    def observe(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: str,
+                token_mask: torch.Tensor | None = None) -> None:
         """Run one batch of ``group`` texts through ``model`` and accumulate the forward statistics.
 
         Rows whose attention mask is all zeros are skipped with a warning.
 
+        Args:
+            model: The model the hooks are on.
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, T)``, 1 on valid tokens; the model attends to these.
+            group: One of :data:`GROUPS`.
+            token_mask: ``(B, T)``, 1 on the tokens whose ``h`` is accumulated (a subset of the valid tokens, for
+                example the task-relevant tokens of neuron attribution); None: every valid token. The model still
+                attends to every valid token. ``prompts`` counts the rows with at least one such token.
+
         Raises:
-            ValueError: If ``group`` is unknown or the shapes of ``input_ids`` and ``attention_mask`` differ.
+            ValueError: If ``group`` is unknown or the shapes of ``input_ids``, ``attention_mask`` and
+                ``token_mask`` differ.
         """
         _check_group(group)
-        kept = self._drop_empty(input_ids, attention_mask, group)
+        if token_mask is not None and token_mask.shape != attention_mask.shape:
+            raise ValueError(f"`token_mask` {tuple(token_mask.shape)} must have the shape of `attention_mask` "
+                             f"{tuple(attention_mask.shape)}")
+        kept = self._drop_empty(input_ids, attention_mask, group, *(() if token_mask is None else (token_mask,)))
         if kept is None:
             return
-        input_ids, attention_mask = kept
-        tokens = attention_mask.sum(dim=1)
+        input_ids, attention_mask = kept[:2]
+        selected = attention_mask if token_mask is None else (kept[2] != 0) & (attention_mask != 0)
+        tokens = selected.sum(dim=1)
         counts = self.stats.state
         device = counts[f"{group}.tokens"].device
         counts[f"{group}.tokens"].add_(tokens.sum().to(device, torch.float64))
-        counts[f"{group}.prompts"].add_(torch.tensor(float(len(tokens)), dtype=torch.float64, device=device))
-        self._mask, self._group = attention_mask, group
+        counts[f"{group}.prompts"].add_((tokens > 0).sum().to(device, torch.float64))
+        self._mask, self._group = selected, group
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs)
         finally:
