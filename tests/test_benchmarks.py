@@ -47,6 +47,7 @@ def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # the heaviest benchmark smokes (8-20 s): the fast tier stays under 2 min
 def test_capture_overhead(tmp_path):
     out = tmp_path / "capture.json"
     payload = _load("capture_overhead").main([
@@ -68,6 +69,7 @@ def test_capture_overhead(tmp_path):
     assert payload["stats_bytes"] == 10 * 1 * 4864 * 8 + 4 * 8  # per group five float64 (L, d_ff) sums, 2 counters
 
 
+@pytest.mark.slow  # the heaviest benchmark smokes (8-20 s): the fast tier stays under 2 min
 def test_stats_memory(tmp_path):
     out = tmp_path / "memory.json"
     payload = _load("stats_memory").main([

@@ -567,6 +567,7 @@ def _restore_torch_threads():
     torch.set_flush_denormal(False)
 
 
+@pytest.mark.slow  # 9 s: runs both sparsity benchmarks end to end
 def test_benchmark_smoke(tmp_path, _restore_torch_threads):
     spec = importlib.util.spec_from_file_location("_benchmark_sparsity_time", ROOT / "benchmarks" / "sparsity_time.py")
     script = importlib.util.module_from_spec(spec)
