@@ -45,4 +45,12 @@ def cli_main(args: list[str] | dict | None = None, run: bool = True) -> LitPrune
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m lit_prune", "description": DESCRIPTION},
     )
+
+
+DESCRIPTION = ("lit_prune: prune a task-specialised SwiGLU LLM (MLP neurons, weight masks or whole blocks) on "
+               "captured activations, recover it with LoRA and evaluate it, in one Lightning Trainer loop. "
+               "Subcommands: fit (capture, prune, recover, export), test (evaluate; prunes first if the config "
+               "has prune callbacks), validate, predict, demo (dense vs pruned vs recovered on the toy model), "
+               "sweep (every criterion and structure side by side).")

@@ -203,7 +203,8 @@ class LitPruneTrainer(L.Trainer):
         modes: list[str] | None = None,
         recover_modes: list[str] | None = None,
     ) -> dict:
-        """Capture once per capture setting, then prune, evaluate and recover every (ratio, criterion).
+        """Every width criterion, and optionally weight-sparsity masks and depth, at every ratio: prune, evaluate,
+        recover and report side by side (one capture per capture setting).
 
         Args:
             model: The dense model; every variant is a fresh copy of it.

@@ -60,9 +60,15 @@ def _cell(value, fmt: str) -> str:
         return str(value)
 
 
-def comparison_table(results: Sequence[dict], title: str = "lit_prune evaluation") -> Table:
-    """One row per model (``result["label"]``), one column per metric any of them has."""
-    columns = [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for r in results)]
+# The resource columns; the others are quality. A narrow terminal gets the two halves as two tables.
+RESOURCE_KEYS = ("parameters", "mlp_width", "weights_mb", "peak_memory_mb", "decode_tokens_per_s")
+
+
+def comparison_table(results: Sequence[dict], title: str = "lit_prune evaluation",
+                     keys: Sequence[str] | None = None) -> Table:
+    """One row per model (``result["label"]``), one column per metric any of them has (only ``keys``, if given)."""
+    columns = [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for r in results)
+               and (keys is None or c[0] in keys)]
     table = Table(title=title)
     table.add_column("Model", style="bold")
     for _, header, _ in columns:
@@ -79,7 +85,12 @@ def print_comparison(results: Sequence[dict], title: str = "lit_prune evaluation
         console = Console()
         if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
             console = Console(width=200)
-    console.print(table)
+    if console.measure(table, options=console.options.update(max_width=10_000)).maximum <= console.width:
+        console.print(table)
+    else:  # a narrow terminal: quality and resources as two tables rather than one squeezed unreadable
+        quality = [key for key, _, _ in METRIC_COLUMNS if key not in RESOURCE_KEYS]
+        console.print(comparison_table(results, title, quality))
+        console.print(comparison_table(results, f"{title}: resources", RESOURCE_KEYS))
     plain = Console(width=160, record=True, file=open(os.devnull, "w"))
     plain.print(table)
     return plain.export_text()

@@ -88,3 +88,22 @@ def test_metrics_sync_across_ddp_ranks(tmp_path):
         assert one[key] == two[key], key
     records = {r["id"]: r["output"] for r in map(json.loads, (tmp_path / "eval2" / "dense.jsonl").read_text().splitlines())}
     assert len(records) == 6
+
+
+def test_the_result_table_fits_an_80_column_terminal():
+    import io
+
+    from rich.console import Console
+
+    from lit_prune.report import print_comparison
+
+    row = {"label": "pruned 25.0% (compensated)", "exact_match": 1.0, "trap_type1": 0.0, "trap_type2": 0.0,
+           "trap_total": 0.0, "sss": 0.993, "parameters": 3_800_000, "mlp_width": 768, "weights_mb": 14.0,
+           "peak_memory_mb": 950.0, "decode_tokens_per_s": 160.0}
+    for width, tables in ((80, 2), (200, 1)):
+        out = io.StringIO()
+        plain = print_comparison([row, dict(row, label="dense")], console=Console(width=width, file=out))
+        text = out.getvalue()
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert text.count("lit_prune evaluation") == tables and "Tokens/s" in text and "GSM8K EM" in text
+        assert "│ pruned 25.0% (compensated) │" in plain  # the returned text (READMEs, logs) stays one wide table
