@@ -248,8 +248,8 @@ class LitPruneTrainer(L.Trainer):
             Everything the report shows (also written as ``sweep.json``).
 
         Raises:
-            ValueError: For a bad ratio, criterion, capture setting, step count, sparsity method, pattern or target
-                (before any capture).
+            ValueError: For a bad ratio, criterion, capture setting, step count, sparsity method, pattern or target,
+                or depth criterion (before any capture).
         """
         criteria = list(criteria or modes or CRITERIA)
         recover = recover if recover is not None else recover_modes
