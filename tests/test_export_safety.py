@@ -236,6 +236,7 @@ def test_sigkill_at_every_step_leaves_a_complete_export(tmp_path, step, swap, ri
     assert _run_name(export, model=False) == "third" and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # 9 s (a child process killed mid-export): keeps the fast tier under 2 minutes
 def test_sigkill_during_a_model_export_keeps_a_loadable_export(tmp_path, tiny_dir, module):
     export = tmp_path / "export"
     module.export(export, extra_card={"run": "first"})
