@@ -75,6 +75,13 @@ def resume_plan(trainer: L.Trainer) -> PrunePlan | None:
 Text = tuple[str, "str | None"]
 
 
+def rank_sum(trainer: L.Trainer):
+    """A ``reduce`` for the pruning library: sums a tensor over the Trainer's processes (identity on one)."""
+    if trainer.world_size == 1:
+        return lambda tensor: tensor
+    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
 def check_sizes(**sizes) -> None:
     """Raise unless every keyword (``batch_size=8, max_length=512``) is an integer >= 1.
 

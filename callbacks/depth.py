@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import (
+    rank_sum,
     check_sizes,
     Text,
     applied_plan,
@@ -174,11 +175,7 @@ class DepthPruneCallback(Callback):
         else:
             self.spec.check_model(model)  # indices, rounding, one block left: before any forward pass
             batches, provenance = ([], {}) if not self.spec.needs_data else self._calibration(trainer, pl_module)
-            world = trainer.world_size
-
-            def reduce(tensor: torch.Tensor) -> torch.Tensor:
-                return trainer.strategy.reduce(tensor, reduce_op="sum") if world > 1 else tensor
-
+            reduce = rank_sum(trainer)
             provenance.update(model=getattr(model.config, "_name_or_path", type(model).__name__),
                               model_fingerprint=model_fingerprint(model))
             plan = make_depth_plan(model, batches, self.spec, reduce=reduce, provenance=provenance)

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_prune.callbacks._utils import (
+    rank_sum,
     check_sizes,
     Text,
     datamodule_texts,
@@ -214,11 +215,7 @@ class WeightSparsityCallback(Callback):
             if self.spec.needs_inputs:
                 batches, provenance = self._calibration(trainer, pl_module)
                 pl_module.to(trainer.strategy.root_device)
-            world = trainer.world_size
-
-            def reduce(tensor: torch.Tensor) -> torch.Tensor:
-                return trainer.strategy.reduce(tensor, reduce_op="sum") if world > 1 else tensor
-
+            reduce = rank_sum(trainer)
             result = prune_model(model, batches, self.spec, reduce=reduce, provenance=provenance)
         self.result, self._applied_to, self._packed = result, model, None
         measured = result.description(model)["measured"]
