@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from lit_prune import loading
 from lit_prune.cli import cli_main
-from lit_prune.loading import PACKAGED_SMOLLM2, load_causal_lm, load_tokenizer, resolve_model_source
+from lit_prune.loading import PACKAGED_SMOLLM2, load_causal_lm, load_tokenizer, preloaded, resolve_model_source
 from lit_prune.module import PrunableCausalLM
 from lit_prune.pruning import PrunePlan, model_fingerprint
 from lit_prune.tiny import TINY_CORPUS
@@ -118,6 +118,31 @@ def test_gguf_loads_as_a_plain_model_with_the_same_logits_and_tokenizer(tiny_ggu
     # The same file named as folder + gguf_file resolves to the same source, recorded as the file's path.
     split = resolve_model_source(path.parent, gguf_file=path.name)
     assert split.is_gguf and split.name == str(path)
+
+
+def test_preloaded_serves_independent_copies_of_the_weights_as_they_were_on_entry(tiny_gguf, monkeypatch):
+    path, _ = tiny_gguf
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    entry = {k: v.clone() for k, v in model.state_dict().items()}
+    with preloaded(model, tokenizer):
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.zero_()  # a change after entry never reaches the copies
+        reads = []
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: reads.append(a) or 1 / 0)
+        copy = load_causal_lm(str(path))
+        assert reads == []  # served from the snapshot, not the file
+        for key, value in copy.state_dict().items():
+            torch.testing.assert_close(value, entry[key], rtol=0, atol=0)
+        assert copy.model.layers[0].mlp.up_proj.weight.data_ptr() != model.model.layers[0].mlp.up_proj.weight.data_ptr()
+        assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()  # still tied
+        assert load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+        with pytest.raises(ZeroDivisionError):  # another dtype reads the file again
+            load_causal_lm(path, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="already active"):
+            with preloaded(model, tokenizer):
+                pass
+    monkeypatch.undo()
+    assert load_causal_lm(path).model.layers[0].mlp.up_proj.weight.abs().sum() > 0  # the block ended: files again
 
 
 def test_quantised_gguf_is_dequantised_to_float(tmp_path):

@@ -12,6 +12,13 @@ Two kinds of text are scored:
 
 The mean is token-weighted: ``NLL = sum of token NLLs / number of tokens`` and ``PPL = exp(NLL)``, with both
 sums accumulated in torchmetrics ``SumMetric`` objects, so that ranks add up to the single-process numbers.
+
+Its sampling error over texts (:func:`nll_standard_error`, :func:`paired_nll_difference`) is the standard
+linearisation of a ratio estimator (Cochran, *Sampling Techniques*, 3rd ed., 1977, §6.3): with per-text sums
+``x_i`` over ``t_i`` tokens and ``R = sum x / sum t``, ``SE(R) = sqrt(n / (n - 1) * sum (x_i - R t_i)^2) / sum t``.
+Two models scored on the same texts differ by ``D = sum d_i / sum t`` with ``d_i`` the per-text difference, and
+the same formula on ``d_i`` gives the paired error, which is far smaller than either model's own error when
+the texts' difficulty dominates.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from torchmetrics import SumMetric
 from lit_prune.data.datamodule import SupervisedCollator, tokenize_supervised
 from lit_prune.data.sources import Example
 
-__all__ = ["IGNORE_INDEX", "TokenNLL", "perplexity_batch", "sequence_nll", "text_tokens"]
+__all__ = ["IGNORE_INDEX", "TokenNLL", "nll_standard_error", "paired_nll_difference", "per_text_nll",
+           "perplexity_batch", "sequence_nll", "text_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +115,40 @@ class TokenNLL(nn.Module):
             return None
         nll = nll_sum / tokens
         return {"nll": nll, "ppl": math.exp(nll), "tokens": tokens}
+
+
+def per_text_nll(records: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per perplexity set, ``{text id: [summed NLL, tokens]}`` of the scored records (skipped texts left out)."""
+    texts: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        if record.get("task") == "perplexity" and "nll" in record:
+            texts.setdefault(record["set"], {})[record["id"]] = [float(record["nll"]), int(record["tokens"])]
+    return texts
+
+
+def _ratio_error(sums: Sequence[float], tokens: Sequence[float]) -> float | None:
+    n, total = len(sums), float(sum(tokens))
+    if n < 2 or total <= 0:
+        return None
+    ratio = sum(sums) / total
+    return math.sqrt(n / (n - 1) * sum((x - ratio * t) ** 2 for x, t in zip(sums, tokens))) / total
+
+
+def nll_standard_error(texts: dict[str, list[float]]) -> float | None:
+    """Standard error over texts of the token-weighted NLL of ``{id: [summed NLL, tokens]}`` (None for < 2 texts)."""
+    values = list(texts.values())
+    return _ratio_error([v[0] for v in values], [v[1] for v in values])
+
+
+def paired_nll_difference(a: dict[str, list[float]], b: dict[str, list[float]]) -> tuple[float, float | None, int]:
+    """``NLL(a) - NLL(b)`` on the texts both scored with the same token count, its paired standard error, and the
+    number of texts used.
+
+    Raises:
+        ValueError: If the two share no text.
+    """
+    shared = sorted(k for k in a.keys() & b.keys() if a[k][1] == b[k][1])
+    if not shared:
+        raise ValueError("the two evaluations share no scored text: they cannot be compared text by text")
+    diffs, tokens = [a[k][0] - b[k][0] for k in shared], [a[k][1] for k in shared]
+    return sum(diffs) / sum(tokens), _ratio_error(diffs, tokens), len(shared)
