@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -183,9 +182,10 @@ def spread(values: Sequence[float]) -> float:
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    """Write a benchmark's results (atomically, :func:`lit_prune.jsonl.write_json`) and say where."""
+    from lit_prune.jsonl import write_json as write
+
+    path = write(payload, path)
     console.print(f"wrote {path}")
     return path
 

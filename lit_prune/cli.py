@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 from lit_prune.data.datamodule import PruneDataModule
-from lit_prune.experiments import LitPruneTrainer
+from lit_prune.trainer import LitPruneTrainer
 from lit_prune.module import PrunableCausalLM
 
 __all__ = ["LitPruneCLI", "cli_main"]
@@ -35,10 +35,11 @@ class LitPruneCLI(LightningCLI):
         return commands
 
 
-def cli_main(args: list[str] | dict | None = None, run: bool = True) -> LitPruneCLI:
-    """Run the CLI (``args`` as in ``LightningCLI``; None reads ``sys.argv``)."""
+def cli_main(args: list[str] | dict | None = None, run: bool = True,
+             cli_class: type[LitPruneCLI] = LitPruneCLI) -> LitPruneCLI:
+    """Run the CLI (``args`` as in ``LightningCLI``; None reads ``sys.argv``; ``cli_class`` a subclass)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return LitPruneCLI(
+    return cli_class(
         PrunableCausalLM,
         PruneDataModule,
         trainer_class=LitPruneTrainer,

@@ -13,118 +13,35 @@ import json
 import logging
 import math
 import os
-import platform
-import re
-import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.eval.resources import PeakMemory, count_parameters, decode_throughput
-from lit_prune.evaluation import EvalSettings, EvaluationSuite
+from lit_prune.eval.evaluator import Evaluator, Subject
+from lit_prune.eval.suite import EvalSettings
 from lit_prune.io import (
-    MARKER_FILENAME, atomic_write_text, check_output_dir, check_placement, check_writable, replace_directory,
+    MARKER_FILENAME, check_output_dir, check_placement, check_writable, replace_directory,
     write_export_marker,
 )
+from lit_prune import spawn
+from lit_prune.export import EXPORT_ARGUMENT, export_dir_rules, model_card, render_card
 from lit_prune.loading import load_causal_lm, load_tokenizer, resolve_model_source
-from lit_prune.report import print_comparison, write_json, write_jsonl
 from lit_prune.pruning.depth import DEPTH_KEY, DepthPlan, read_checkpoint_depth_plan
 from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan, read_checkpoint_plan
-from lit_prune.pruning.sparsity import measure_sparsity
 from lit_prune.pruning.stats import model_fingerprint
 from lit_prune.pruning.swiglu import find_swiglu_mlps
+from lit_prune.recovery import LORA_PRESETS, LR_SCHEDULES, LoraSettings, add_lora, lr_factor
 
-__all__ = [
-    "CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LR_SCHEDULES", "LoraSettings", "PrunableCausalLM", "atomic_directory",
-    "lr_factor",
-]
+__all__ = ["CHECKPOINT_KEY", "DTYPES", "LORA_PRESETS", "LR_SCHEDULES", "LoraSettings", "PrunableCausalLM", "lr_factor"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str = "constant",
-              min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate at optimizer ``step`` (0-based), for ``LambdaLR``.
-
-    Linear warm-up over ``warmup_steps``; then ``constant`` (1.0) or ``cosine``: a half cosine from 1.0
-    down to ``min_lr_ratio``, reached at ``total_steps`` (the last step uses ``step = total_steps - 1``).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    decay_steps = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters for recovery (the paper's Table 7; presets in :data:`LORA_PRESETS`).
-
-    Attributes:
-        r: Rank of the adapters.
-        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
-        dropout: Dropout on the adapter input.
-        target_modules: Names of the ``nn.Linear`` modules to adapt.
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`lora.r` (rank) must be a positive integer; got {self.r!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"`lora.alpha` must be > 0; got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`lora.dropout` must be in [0, 1); got {self.dropout!r}")
-        if not self.target_modules:
-            raise ValueError("`lora.target_modules` must name at least one module; got none")
-
-
-# Hyper-parameters in Lightning checkpoints hold LoraSettings; let `weights_only` loading accept it.
-torch.serialization.add_safe_globals([LoraSettings, EvalSettings])
-
-# The paper's Table 7: learning rate and effective batch go with the Trainer / optimizer settings.
-LORA_PRESETS = {
-    "math": {"lora": LoraSettings(r=8, alpha=16, dropout=0.1), "learning_rate": 2e-5, "effective_batch": 8},
-    "code": {"lora": LoraSettings(r=16, alpha=32, dropout=0.1), "learning_rate": 2e-4, "effective_batch": 16},
-}
-
-
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a new folder beside ``final`` that atomically replaces ``final``, whatever it holds, when the block
-    succeeds (:func:`lit_prune.io.replace_directory` with ``overwrite=True``).
-
-    For folders the project owns outright (the toy model it ships). Exports use ``replace_directory`` with its
-    checks, so they never replace a folder lit_prune did not write. On error the new folder is deleted and
-    ``final`` is left as it was.
-    """
-    with replace_directory(final, argument="path", overwrite=True) as tmp:
-        yield tmp
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
 class PrunableCausalLM(L.LightningModule):
@@ -228,15 +145,13 @@ class PrunableCausalLM(L.LightningModule):
                 f"{model_name_or_path!r} has {len(find_swiglu_mlps(self.model))} layers of width {widths}: the plan "
                 "belongs to another model; remove it from the folder or load the export it was written with"
             )
-        self._dense_fingerprint: str | None = None  # of the unpruned weights, when this model is the reference
         # Changes made by callbacks other than width slicing (weight sparsity, depth), and the weights before them.
         self.modifications: list[str] = []
         self._original: dict | None = None
         self.depth_plan: DepthPlan | None = self._exported_depth_plan(model_name_or_path)
         self.exported_to: Path | None = None
         self.recovery_steps = 0  # optimizer steps of finished fits: a fresh Trainer's test still labels "+lora"
-        self.suite = EvaluationSuite(evaluation or EvalSettings())
-        self.test_results: dict | None = None
+        self.evaluator = Evaluator(evaluation)  # `trainer.test`'s metrics and reports (lit_prune.eval.evaluate)
 
     # ------------------------------------------------------------------ model surgery
     @property
@@ -301,26 +216,9 @@ class PrunableCausalLM(L.LightningModule):
             self.add_lora_adapters()
 
     def add_lora_adapters(self) -> None:
-        """Wrap the (already pruned) model with peft LoRA adapters; only they will train.
-
-        Raises:
-            ValueError: If a target module name matches no ``nn.Linear`` (the message lists the model's names).
-        """
-        if self.lora is None or self.is_lora_wrapped:
-            return
-        from peft import LoraConfig, get_peft_model
-
-        available = _linear_names(self.model)
-        unknown = [t for t in self.lora.target_modules if t not in available]
-        if unknown:
-            raise ValueError(f"`lora.target_modules` {unknown} match no nn.Linear of the model; its Linear names are "
-                             f"{available}")
-        config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                            target_modules=list(self.lora.target_modules), task_type="CAUSAL_LM")
-        self.model = get_peft_model(self.model, config)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        rank_zero_info(f"LoRA r={self.lora.r} alpha={self.lora.alpha} on {list(self.lora.target_modules)}: "
-                       f"{trainable:,} trainable parameters")
+        """Wrap the (already pruned) model with peft LoRA adapters (:func:`lit_prune.recovery.add_lora`)."""
+        if self.lora is not None and not self.is_lora_wrapped:
+            self.model = add_lora(self.model, self.lora)
 
     def merged_model(self) -> nn.Module:
         """The plain Hugging Face model, with LoRA adapters merged in (in place) if there are any."""
@@ -410,9 +308,10 @@ class PrunableCausalLM(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     @property
     def label(self) -> str:
-        """Name of this model in reports."""
-        if self.suite.settings.label:
-            return self.suite.settings.label
+        """Name of this model in reports and of its result files: ``evaluation.label``, else ``dense``, or what
+        was done to it (``<criterion>-<ratio>``, sparsity and depth labels, ``+lora`` after recovery)."""
+        if self.evaluator.settings.label:
+            return self.evaluator.settings.label
         if not self.is_modified:
             return "dense"
         recovered = self.lora is not None and (self.recovery_steps > 0 or (
@@ -420,155 +319,36 @@ class PrunableCausalLM(L.LightningModule):
         parts = ([f"{self.prune_plan.label}-{self.prune_plan.ratio:.0%}"] if self.prune_plan is not None else [])
         return "+".join(parts + self.modifications) + ("+lora" if recovered else "")
 
-    def _output_dir(self) -> Path:
-        if self.suite.settings.output_dir:
-            return Path(self.suite.settings.output_dir)
-        return Path(self.trainer.default_root_dir) / "eval"
-
-    def _reference_model(self) -> str:
-        """The model whose distractor outputs this model is compared with: the one that was pruned."""
+    def evaluation_subject(self) -> Subject:
+        """What :class:`~lit_prune.eval.Evaluator` reports this model as, and the model it was pruned from."""
+        plan = self.prune_plan
+        reference, fingerprint = self.model_source, None  # unmodified: its own reference
         if self._original is not None:  # recorded before the first change (depth and sparsity run before width)
-            return self._original["model"]
-        if self.prune_plan is not None:
-            return str(self.prune_plan.provenance.get("model", self.model_source))
-        return self.model_source
-
-    def _reference_cache(self):
-        from lit_prune.eval.similarity import OutputCache
-
-        path = self.suite.settings.reference_outputs or self._output_dir().parent / "reference_outputs.json"
-        return OutputCache(path)
-
-    def _distractor_prompts(self) -> dict[str, list[tuple[str, str]]]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "eval_batches") or not self.suite.settings.generation:
-            return {}
-        prompts: dict[str, list[tuple[str, str]]] = {}
-        for batch in datamodule.eval_batches():
-            if batch["task"] in ("qna", "dialogue"):
-                prompts.setdefault(batch["task"], []).extend(zip(batch["id"], batch["prompt"]))
-        return prompts
-
-    def _reference_key(self, task: str) -> dict:
-        return {"model": self._reference_model(), "weights": self._reference_fingerprint(), "task": task,
-                "greedy": True, "max_new_tokens": self.suite.settings.budget(task)}
-
-    def _reference_fingerprint(self) -> str | None:
-        """Fingerprint of the original weights: a folder retrained in place must not reuse old outputs."""
-        if self._original is not None:
-            return self._original["model_fingerprint"]
-        if self.prune_plan is not None:
-            return self.prune_plan.provenance.get("model_fingerprint")
-        if self._dense_fingerprint is None:
-            model = self.model.get_base_model() if self.is_lora_wrapped else self.model
-            self._dense_fingerprint = model_fingerprint(model)
-        return self._dense_fingerprint
+            reference, fingerprint = self._original["model"], self._original["model_fingerprint"]
+        elif plan is not None:
+            reference = str(plan.provenance.get("model", self.model_source))
+            fingerprint = plan.provenance.get("model_fingerprint")
+        return Subject(label=self.label, source=self.model_source, modified=self.is_modified,
+                       reference_model=reference, reference_fingerprint=fingerprint, details={
+                           "plan": None if plan is None else {
+                               "mode": plan.label, "criterion": plan.criterion, "refit": plan.refit,
+                               "capture": plan.capture, "ratio": plan.ratio, "exact_ratio": plan.exact_ratio,
+                               "kept_width": plan.kept_width},
+                           "modifications": list(self.modifications)})
 
     @override
     def on_test_start(self) -> None:
-        self.suite.reset()
-        self.suite.references = {}
-        self._memory = PeakMemory(self.device if self.device.type in ("cpu", "cuda") else None).__enter__()
-        if not self.is_modified:
-            return  # the dense model is its own reference; its outputs are cached at the end
-        cache = self._reference_cache()
-        self._reference_lm = None
-        for task, pairs in self._distractor_prompts().items():
-            prompts = [p for _, p in pairs]
-            if self.trainer.is_global_zero:
-                cache.get_or_compute(self._reference_key(task), prompts,
-                                     lambda todo, task=task: self._reference_outputs(task, todo))
-            self.trainer.strategy.barrier("lit_prune_reference_outputs")
-            outputs = cache.get(self._reference_key(task), prompts)
-            self.suite.references.update({pid: out for (pid, _), out in zip(pairs, outputs)})
-        self._reference_lm = None  # free the original model before evaluating
-
-    def _reference_outputs(self, task: str, prompts: list[str]) -> list[str]:
-        """Generate the original model's outputs (it is loaded for this, once per cache)."""
-        from lit_prune.eval.generation import generate
-
-        rank_zero_info(f"generating reference {task} outputs with the original model {self._reference_model()}")
-        if self._reference_lm is None:
-            self._reference_lm = load_causal_lm(self._reference_model(), dtype=self.model.dtype,
-                                                argument="the prune plan's provenance `model`")
-            self._reference_lm.to(self.device)
-        records = generate(self._reference_lm, self.tokenizer, prompts, max_new_tokens=self.suite.settings.budget(task),
-                           batch_size=self.suite.settings.batch_size, progress=False)
-        return [r.text for r in records]
+        self.evaluator.start(self)
 
     @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.suite.step(self.model, self.tokenizer, batch)
+        self.evaluator.step(self, batch)
 
     @override
     def on_test_epoch_end(self) -> None:
-        results = self.suite.compute()
-        self._memory.__exit__(None, None, None)
-        records = self._gather(self.suite.records)
-        model = self.model.get_base_model() if self.is_lora_wrapped else self.model
-        results.update(label=self.label, model=self.model_source, parameters=count_parameters(model),
-                       mlp_width=int(model.config.intermediate_size), peak_memory_mb=self._memory.peak_bytes / 2**20,
-                       weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-                       peak_memory_method=self._memory.method, examples=len(records),
-                       plan=None if self.prune_plan is None else {
-                           "mode": self.prune_plan.label, "criterion": self.prune_plan.criterion,
-                           "refit": self.prune_plan.refit, "capture": self.prune_plan.capture, "ratio": self.prune_plan.ratio,
-                           "exact_ratio": self.prune_plan.exact_ratio, "kept_width": self.prune_plan.kept_width},
-                       modifications=list(self.modifications))
-        zeros = measure_sparsity(model)  # a zero counts as removed (dense kernels still multiply it)
-        results["zero_parameters"] = zeros["zeros"]
-        if zeros["zeros"]:
-            results["sparsity"] = {k: zeros[k] for k in ("overall", "zeros", "weights", "per_layer")}
-        if self.trainer.is_global_zero:
-            results["decode_tokens_per_s"] = decode_throughput(
-                model, self.tokenizer, "Tom has 3 apples.", new_tokens=self.suite.settings.throughput_new_tokens,
-                warmup=1, repeats=3)
-            if not self.is_modified:
-                self._cache_own_outputs(records)
-            out = self._output_dir()
-            stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", self.label.replace("%", "pct"))
-            write_json(results, out / f"{stem}.json")
-            write_jsonl(records, out / f"{stem}.jsonl")
-            print_comparison([results], title=f"lit_prune evaluation: {self.label}")
-            rank_zero_info(f"wrote {out / (stem + '.json')} and per-example records ({stem}.jsonl)")
-            results["report_path"] = str(out / f"{stem}.json")
-        for key in ("exact_match", "pass_at_1", "trap_total", "sss", "nll_target", "nll_distractor", "nll_general"):
-            if results.get(key) is not None:
-                self.log(f"test/{key}", float(results[key]), rank_zero_only=True)
-        self.test_results = results
-
-    def _cache_own_outputs(self, records: list[dict]) -> None:
-        cache = self._reference_cache()
-        by_id = {r["id"]: r["output"] for r in records if "output" in r}  # perplexity records have none
-        for task, pairs in self._distractor_prompts().items():
-            if all(pid in by_id for pid, _ in pairs):
-                cache.get_or_compute(self._reference_key(task), [p for _, p in pairs],
-                                     lambda todo, pairs=pairs: [by_id[pid] for pid, _ in pairs])
-
-    def _gather(self, records: list[dict]) -> list[dict]:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return records
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, records)
-        return [r for part in gathered for r in part]
+        self.evaluator.finish(self)
 
     # ------------------------------------------------------------------ export
-    _EXPORT_ARGUMENT = "`model.export_dir`"
-    _OVERWRITE_OPTION = "model.export_overwrite=True"
-
-    def _export_dir_rules(self) -> dict:
-        """Where the export may not go: the source model and tokenizer folders, the run and checkpoint folders."""
-        protected = [(f"`model.{name}`", value) for name in ("model_name_or_path", "tokenizer_name_or_path")
-                     if (value := self.hparams.get(name)) and Path(value).expanduser().is_dir()]
-        containers = []
-        trainer = self._trainer
-        if trainer is not None:
-            containers.append(("`trainer.default_root_dir`", trainer.default_root_dir))
-            protected += [("a ModelCheckpoint `dirpath`", c.dirpath) for c in trainer.checkpoint_callbacks
-                          if getattr(c, "dirpath", None)]
-        return {"argument": self._EXPORT_ARGUMENT, "protected": protected, "containers": containers,
-                "overwrite": self.export_overwrite, "overwrite_option": self._OVERWRITE_OPTION}
-
     def _check_export_dir_arguments(self) -> None:
         """Raise now if ``export_dir`` is, lies inside or contains the source model or tokenizer folder.
 
@@ -577,7 +357,7 @@ class PrunableCausalLM(L.LightningModule):
         same settings elsewhere does not depend on that folder.
         """
         if self.export_dir and not self.export_overwrite:
-            rules = self._export_dir_rules()
+            rules = export_dir_rules(self)
             check_placement(self.export_dir, argument=rules["argument"], protected=rules["protected"],
                             overwrite_option=rules["overwrite_option"])
 
@@ -598,15 +378,15 @@ class PrunableCausalLM(L.LightningModule):
         """
         if not self.export_dir or self.trainer.state.fn != "fit":
             return
-        check_output_dir(self.export_dir, **self._export_dir_rules())
-        check_writable(self.export_dir, argument=self._EXPORT_ARGUMENT)
+        check_output_dir(self.export_dir, **export_dir_rules(self))
+        check_writable(self.export_dir, argument=EXPORT_ARGUMENT)
 
     @override
     def on_fit_end(self) -> None:
         self.recovery_steps += self.trainer.global_step  # the label of later evaluations says "+lora"
         if self.export_dir:
             self.export(self.export_dir)
-        self._hand_over_to_parent_process()
+        spawn.hand_over(self)
 
     def export(self, path: str | os.PathLike, extra_card: dict | None = None) -> Path:
         """Write a plain Hugging Face checkpoint (weights, tokenizer, generation config, plan, model card).
@@ -623,13 +403,13 @@ class PrunableCausalLM(L.LightningModule):
         model = self.merged_model() if self.hparams.merge_on_export else self.model
         trainer = self._trainer
         if trainer is None or trainer.is_global_zero:
-            with replace_directory(final, **self._export_dir_rules()) as tmp:
+            with replace_directory(final, **export_dir_rules(self)) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 if self.prune_plan is not None:
                     self.prune_plan.save(tmp / PLAN_FILENAME)
                 card = self.model_card(extra_card)
-                (tmp / "README.md").write_text(_render_card(card))
+                (tmp / "README.md").write_text(render_card(card))
                 write_export_marker(tmp, card)  # last: it lists the files, and marks the folder as ours to replace
             rank_zero_info(f"exported the model to {final}")
         if trainer is not None:
@@ -638,114 +418,12 @@ class PrunableCausalLM(L.LightningModule):
         return final
 
     # ------------------------------------------------------------------ ddp_spawn: the parent process
-    # Lightning's _MultiProcessingLauncher (ddp_spawn, ddp_fork, ddp_notebook) runs `fit` in child processes, then
-    # loads local rank 0's `state_dict()` into the parent's module (`_recover_results_in_main_process`). The
-    # parent never ran the callbacks' `setup`, so its model is still dense and unwrapped: the pruned weights do
-    # not fit. Rank 0 therefore leaves its plan in a file named by a token the parent created (the module is
-    # pickled into the children), and the parent applies it in `load_state_dict`, just before the weights load.
-    def _handover_file(self) -> Path:
-        return Path(tempfile.gettempdir()) / f"lit_prune-spawn-{self._spawn_token}.json"
-
-    def _hand_over_to_parent_process(self) -> None:
-        trainer = self.trainer
-        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) or trainer.local_rank != 0:
-            return
-        atomic_write_text(self._handover_file(), json.dumps({
-            "plan": None if self.prune_plan is None else self.prune_plan.to_dict(),
-            "depth_plan": None if self.depth_plan is None else self.depth_plan.to_dict(),
-            "lora_wrapped": self.is_lora_wrapped,
-            "exported_to": None if self.exported_to is None else str(self.exported_to),
-        }))
-
     @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._adopt_spawned_model()
+        spawn.adopt(self)  # the parent of a ddp_spawn fit: take rank 0's shapes before its weights (lit_prune.spawn)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _adopt_spawned_model(self) -> None:
-        """In the parent of a ddp_spawn run: give the model the shapes rank 0 ended with (plan, LoRA) and its plan.
-
-        The parent's module is not attached to the trainer (``_run`` only happens in the children), so the
-        hand-over file itself, named by this module's token and written by a child, says that this is such a load.
-        """
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return  # a child process itself
-        handover = self._handover_file()
-        if not handover.is_file():
-            return
-        final = json.loads(handover.read_text())
-        handover.unlink()
-        if final.get("depth_plan") is not None:  # blocks first: the width plan indexes the remaining ones
-            depth = DepthPlan.from_dict(final["depth_plan"])
-            if not depth.is_applied(self.model):
-                self.record_modification(depth.label)  # the parent still holds the dense weights here
-                depth.apply(self.model)
-            self.set_depth_plan(depth)
-        if final["plan"] is not None:
-            plan = PrunePlan.from_dict(final["plan"])
-            model = self.model.get_base_model() if self.is_lora_wrapped else self.model
-            if not plan.is_applied(model):
-                plan.apply(model, shapes_only=True)  # rank 0's weights (re-fitted ones included) load next
-            self.set_prune_plan(plan)
-        if final["lora_wrapped"]:
-            self.add_lora_adapters()
-        if final["exported_to"]:
-            self.exported_to = Path(final["exported_to"])
-
     def model_card(self, extra: dict | None = None) -> dict:
-        """Provenance of the exported model: source, method, ratio, data hashes, seeds, versions."""
-        import lightning
-        import peft
-        import transformers
-
-        plan = self.prune_plan
-        card = {
-            "source_model": self.model_name_or_path,
-            "gguf_file": self.gguf_file,
-            "method": "task-specific selective MLP neuron pruning (arXiv 2604.27115) with LoRA recovery",
-            "pruning": None if plan is None else {
-                "mode": plan.mode, "nominal_ratio": plan.ratio, "exact_ratio": plan.exact_ratio,
-                "kept_width": plan.kept_width, "original_width": plan.original_width,
-                "multiple_of": plan.multiple_of, "seed": plan.seed, "aggregation": plan.aggregation,
-                "provenance": plan.provenance,
-            },
-            # Set by WeightSparsityCallback.on_fit_end: method, pattern, sparsity measured on the final weights.
-            "sparsity": getattr(self, "weight_sparsity", None),
-            # Set by DepthPruneCallback: the removed blocks, scores and parameter ratio (before any width pruning).
-            DEPTH_KEY: None if self.depth_plan is None else self.depth_plan.to_dict(),
-            "lora": None if self.lora is None else asdict(self.lora),
-            "learning_rate": self.hparams.learning_rate,
-            "global_step": self._trainer.global_step if self._trainer is not None else 0,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "lightning": lightning.__version__,
-                         "peft": peft.__version__},
-        }
-        card.update(extra or {})
-        return card
-
-
-def _render_card(card: dict) -> str:
-    pruning = card.get("pruning") or {}
-    lines = [
-        "---", "library_name: transformers", "tags: [pruned, lit-prune]", "---", "",
-        f"# Pruned {card['source_model']}", "",
-        f"Method: {card['method']}.", "",
-        f"- Parameters: {card['parameters']:,}",
-    ]
-    if pruning:
-        lines += [f"- Criterion: {pruning['mode']}; nominal ratio {pruning['nominal_ratio']:.2%}, exact "
-                  f"{pruning['exact_ratio']:.2%} (MLP width {pruning['original_width']} -> {pruning['kept_width']}, "
-                  f"multiple of {pruning['multiple_of']}, seed {pruning['seed']})",
-                  f"- Capture data: {json.dumps(pruning['provenance'])}"]
-    depth = card.get(DEPTH_KEY) or {}
-    if depth:
-        lines.append(f"- Depth: removed blocks {depth['removed_blocks']} of {depth['original_num_layers']} "
-                     f"({depth['criterion']}, {depth['param_ratio']:.2%} of the parameters)")
-    if card.get("lora"):
-        lines.append(f"- LoRA recovery: {json.dumps(card['lora'])}, lr {card['learning_rate']}, "
-                     f"{card['global_step']} steps (merged)")
-    lines += [f"- Versions: {json.dumps(card['versions'])}", "",
-              "Loads with `AutoModelForCausalLM.from_pretrained` (no custom code); `prune_plan.json` lists the kept "
-              "neurons of every layer.", ""]
-    return "\n".join(lines)
+        """Provenance of the exported model: source, method, ratio, data hashes, seeds, versions
+        (:func:`lit_prune.export.model_card`)."""
+        return model_card(self, extra)

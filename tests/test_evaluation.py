@@ -9,7 +9,7 @@ import pytest
 
 from lit_prune.cli import cli_main
 from lit_prune.data import PruneDataModule
-from lit_prune.evaluation import EvalSettings
+from lit_prune.eval.suite import EvalSettings
 from lit_prune.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_dense_then_pruned_evaluation_writes_reports(tmp_path):
     math = [r for r in records if r["task"] == "math"]
     assert all({"reference", "extracted", "correct", "trap"} <= r.keys() for r in math)
     assert (tmp_path / "reference_outputs.json").is_file()  # the dense outputs are the pruned models' reference
-    assert dense.model.test_results["decode_tokens_per_s"] > 0
+    assert dense.model.evaluator.results["decode_tokens_per_s"] > 0
 
     cli_main(_args(tmp_path, model, "--model.evaluation.label=pruned"))
     pruned_json = json.loads((tmp_path / "eval" / "pruned.json").read_text())
@@ -95,7 +95,7 @@ def test_the_result_table_fits_an_80_column_terminal():
 
     from rich.console import Console
 
-    from lit_prune.report import print_comparison
+    from lit_prune.eval.report import print_comparison
 
     row = {"label": "pruned 25.0% (compensated)", "exact_match": 1.0, "trap_type1": 0.0, "trap_type2": 0.0,
            "trap_total": 0.0, "sss": 0.993, "parameters": 3_800_000, "mlp_width": 768, "weights_mb": 14.0,

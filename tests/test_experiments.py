@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ def test_sweep_rejects_bad_arguments(tmp_path):
 
 
 def test_findings_name_the_peers_that_beat_the_default():
-    from lit_prune.sweep_report import Metric, _default_findings
+    from lit_prune.eval.sweep_report import Metric, _default_findings
 
     def run(mode, ratio, pruned, recovered=None):
         return {"mode": mode, "ratio": ratio, "pruned": {"exact_match": pruned},
@@ -146,7 +147,7 @@ def test_findings_name_the_peers_that_beat_the_default():
 
 def test_report_ranks_by_target_nll_when_nothing_was_generated(tmp_path):
     """A perplexity-only evaluation (SmolLM2 cannot solve GSM8K): lower NLL is better everywhere in the report."""
-    from lit_prune.sweep_report import metric_for, write_sweep_report
+    from lit_prune.eval.sweep_report import metric_for, write_sweep_report
 
     def result(target, distractor):
         return {"nll_target": target, "nll_distractor": distractor, "parameters": 100, "weights_mb": 1.0,
@@ -168,6 +169,23 @@ def test_report_ranks_by_target_nll_when_nothing_was_generated(tmp_path):
     assert "`compensated` was **beaten after pruning** at 50% (1 variant(s), best wanda_sp 1.500 vs 1.550)" in report
     assert "**worse than the mean of random pruning** at 50%" in report  # the paper's selective (2.5 vs 2.0)
     assert (tmp_path / "fig_distractor_vs_target_nll.png").stat().st_size > 1000
+    assert "traps |" not in report and "SSS pruned" not in report  # columns only for what was measured
+    assert "| wanda_sp | **1.500** | 100 | 5.0 | 0.10 |" in report  # no PPL measured; params, tok/s
+
+    # The default against the best published peer, with the paired error of their difference over the texts.
+    texts = {"a": [10.0, 10], "b": [20.0, 10], "c": [5.0, 10]}
+    for run_ in summary["runs"]:
+        shift = {"compensated": 1.0, "wanda_sp": 2.0}.get(run_["mode"], 0.0)
+        run_["pruned"]["nll_texts"] = {"target": {k: [v[0] + shift * (1 + 0.1 * i), v[1]]
+                                                  for i, (k, v) in enumerate(texts.items())}}
+    summary["runs"].append(run("magnitude", 0.5, 1.60, 4.0))
+    report = write_sweep_report(summary, tmp_path).read_text()
+    assert "## The default against the best peer" in report
+    # +0.150 against wanda_sp's +0.100 (magnitude +0.200 is the worse peer): ratio 1.50; paired difference of the
+    # texts' sums (-1.0, -1.1, -1.2) over 30 tokens = -0.110, error sqrt(3/2 * sum(d_i - D t_i)^2) / 30
+    error = math.sqrt(1.5 * sum((d + 0.11 * 10) ** 2 for d in (-1.0, -1.1, -1.2))) / 30
+    assert (f"| 50% (8) | +0.150 | `wanda_sp` +0.100 | 1.50 | -0.110 +- {error:.3f} (3 texts) | `wanda_sp` +0.100 |"
+            in report)
     with pytest.raises(ValueError, match="no metric to rank by"):
         metric_for({"sss": 0.9})
 

@@ -26,7 +26,7 @@ from lit_prune.io import (
     write_export_marker,
 )
 from lit_prune.module import PrunableCausalLM
-from lit_prune.report import write_json, write_jsonl
+from lit_prune.eval.report import write_json, write_jsonl
 
 from conftest import DIALOG, GSM8K, SQUAD
 

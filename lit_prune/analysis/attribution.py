@@ -51,7 +51,7 @@ from lit_prune.data.prompts import format_prompt
 from lit_prune.data.sources import Example, load_examples
 from lit_prune.pruning import ActivationRecorder, PruneSpec, find_swiglu_mlps, make_plan
 from lit_prune.pruning.sparsity import SparsitySpec, prune_model
-from lit_prune.report import write_json
+from lit_prune.eval.report import write_json
 
 __all__ = [
     "PREDICATES",

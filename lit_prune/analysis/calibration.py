@@ -50,7 +50,7 @@ from lit_prune.data.sources import Example, load_examples
 from lit_prune.eval.perplexity import perplexity_batch, sequence_nll
 from lit_prune.pruning import ActivationRecorder, PruneSpec, make_plan
 from lit_prune.pruning.sparsity import SparsitySpec, prune_model
-from lit_prune.report import write_json
+from lit_prune.eval.report import write_json
 
 __all__ = [
     "CORRELATION_METHODS",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from lit_prune.eval.similarity import sbert_embeddings
-from lit_prune.evaluation import PACKAGED_MINILM, resolve_scorer
+from lit_prune.eval.suite import PACKAGED_MINILM, resolve_scorer
 
 __all__ = ["DEFAULT_COVERAGE_MODEL", "coverage_from_embeddings", "semantic_coverage"]
 

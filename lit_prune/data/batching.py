@@ -1,7 +1,10 @@
 """Calibration batches: ``(prompt, response)`` texts tokenized, cut, sorted by length and right-padded.
 
 The one batcher of the capture, weight-sparsity and depth callbacks and of the sweep, so every statistic is
-computed on the same tokens.
+computed on the same tokens. Kept hand-written rather than ``tokenizer(..., padding=True)``: the prompt and
+the response are tokenized apart (labels on the response only, as fine-tuning sees them), too-long texts are cut
+and counted (the capture warns how many), rows are sorted by length so batches pad little, and the padding is
+always on the right (see :class:`~lit_prune.data.datamodule.SupervisedCollator` for why).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Evaluation: GSM8K exact match, HumanEval pass@1, traps, distractor similarity, perplexity and resources.
+"""Evaluation: GSM8K exact match, HumanEval pass@1, traps, distractor similarity, perplexity and resources;
+the :class:`Evaluator` that runs them in ``trainer.test`` for any LightningModule holding a causal LM
+(:mod:`lit_prune.eval.evaluator`), the suite of metrics (:mod:`lit_prune.eval.suite`), the reference-output cache
+(:class:`OutputCache`) and the reports (:mod:`lit_prune.eval.report`, :mod:`lit_prune.eval.sweep_report`).
 
 Metrics follow "Exploring the Limits of Pruning: Task-Specific Neurons, Model Collapse, and Recovery in
 Task-Specific LLMs" (arXiv 2604.27115), Sec. 3.5, 4.7, 4.8 and Appendices D-G. Count-based metrics are
@@ -14,6 +17,15 @@ _EXPORTS = {
     "BoxedAnswerStoppingCriteria": "lit_prune.eval.generation",
     "DEFAULT_BERTSCORE_MODEL": "lit_prune.eval.similarity",
     "DEFAULT_SBERT_MODEL": "lit_prune.eval.similarity",
+    "EvalSettings": "lit_prune.eval.suite",
+    "EvaluationSuite": "lit_prune.eval.suite",
+    "Evaluator": "lit_prune.eval.evaluator",
+    "Subject": "lit_prune.eval.evaluator",
+    "evaluate": "lit_prune.eval.evaluator",
+    "print_comparison": "lit_prune.eval.report",
+    "write_sweep_report": "lit_prune.eval.sweep_report",
+    "nll_standard_error": "lit_prune.eval.perplexity",
+    "paired_nll_difference": "lit_prune.eval.perplexity",
     "GSM8KExactMatch": "lit_prune.eval.gsm8k",
     "GSM8K_INSTRUCTION": "lit_prune.eval.gsm8k",
     "GenerationRecord": "lit_prune.eval.generation",

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MeanMetric
 
 __all__ = [
     "GSM8K_INSTRUCTION",
@@ -488,10 +488,11 @@ def is_exact_match(generation: str, reference: str) -> bool:
     return predicted is not None and predicted == normalize_answer(reference)
 
 
-class GSM8KExactMatch(Metric):
+class GSM8KExactMatch(MeanMetric):
     """Fraction of generations whose last ``\\boxed{}`` answer matches the GSM8K reference.
 
-    States ``correct`` and ``total`` are counts summed across processes, so the metric is exact under DDP.
+    A torchmetrics ``MeanMetric`` of 0/1 hits: its sum and count are summed across processes, so the metric is
+    exact under DDP. :meth:`compute` returns ``0.0`` when nothing was scored (``MeanMetric`` would return NaN).
 
     Example:
         >>> metric = GSM8KExactMatch()
@@ -500,22 +501,7 @@ class GSM8KExactMatch(Metric):
         1.0
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    correct: torch.Tensor
-    total: torch.Tensor
-
-    def __init__(self, **kwargs) -> None:
-        """Create the metric.
-
-        Args:
-            **kwargs: Forwarded to :class:`torchmetrics.Metric` (``sync_on_compute``, ``dist_sync_fn`` ...).
-        """
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, generations: Sequence[str], references: Sequence[str]) -> None:
         """Score a batch.
@@ -532,12 +518,9 @@ class GSM8KExactMatch(Metric):
                 "`generations` and `references` must have the same length; "
                 f"got {len(generations)} and {len(references)}"
             )
-        hits = sum(is_exact_match(generation, reference) for generation, reference in zip(generations, references))
-        self.correct += hits
-        self.total += len(generations)
+        if generations:
+            super().update(torch.tensor([float(is_exact_match(g, r)) for g, r in zip(generations, references)]))
 
     def compute(self) -> torch.Tensor:
-        """Return ``correct / total`` as a float tensor; ``0.0`` when nothing was scored (``total == 0``)."""
-        if self.total == 0:
-            return torch.tensor(0.0)
-        return self.correct.float() / self.total
+        """Return the fraction of hits as a float tensor; ``0.0`` when nothing was scored."""
+        return torch.tensor(0.0) if self.weight == 0 else super().compute()

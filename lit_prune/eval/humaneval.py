@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MeanMetric
 
 from lit_prune.jsonl import iter_jsonl
 
@@ -599,29 +599,14 @@ def run_tests(
     return [result for result in results if result is not None]
 
 
-class HumanEvalPassAtOne(Metric):
+class HumanEvalPassAtOne(MeanMetric):
     """pass@1 with one greedy sample per task: the fraction of tasks whose program passed.
 
-    States ``passed`` and ``total`` are counts summed across processes; :meth:`compute` returns ``0.0`` when
-    nothing was scored.
+    A torchmetrics ``MeanMetric`` of 0/1 outcomes (sum and count summed across processes); :meth:`compute` returns
+    ``0.0`` when nothing was scored.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    passed: torch.Tensor
-    total: torch.Tensor
-
-    def __init__(self, **kwargs) -> None:
-        """Create the metric.
-
-        Args:
-            **kwargs: Forwarded to :class:`torchmetrics.Metric`.
-        """
-        super().__init__(**kwargs)
-        self.add_state("passed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, passed: Sequence[bool]) -> None:
         """Add a batch of per-task outcomes.
@@ -635,11 +620,9 @@ class HumanEvalPassAtOne(Metric):
         for index, outcome in enumerate(passed):
             if not isinstance(outcome, (bool, torch.Tensor)) and outcome not in (0, 1):
                 raise ValueError(f"`passed[{index}]` must be a bool; got {outcome!r}")
-        self.passed += sum(bool(outcome) for outcome in passed)
-        self.total += len(passed)
+        if len(passed):
+            super().update(torch.tensor([float(bool(outcome)) for outcome in passed]))
 
     def compute(self) -> torch.Tensor:
-        """Return ``passed / total``; ``0.0`` when ``total == 0``."""
-        if self.total == 0:
-            return torch.tensor(0.0)
-        return self.passed.float() / self.total
+        """Return ``passed / total``; ``0.0`` when nothing was scored."""
+        return torch.tensor(0.0) if self.weight == 0 else super().compute()

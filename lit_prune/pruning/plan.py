@@ -15,12 +15,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
 
+from lit_prune.io import atomic_write_text
 from lit_prune.pruning.swiglu import find_swiglu_mlps, slice_model
 
 __all__ = ["CHECKPOINT_KEY", "PLAN_FILENAME", "PrunePlan", "kept_width", "read_checkpoint_plan", "validate_multiple_of",
@@ -189,11 +189,7 @@ class PrunePlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False) as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-        os.replace(handle.name, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod

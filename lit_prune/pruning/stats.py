@@ -37,7 +37,6 @@ import hashlib
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lit_prune.io import atomic_open
 from lit_prune.pruning.swiglu import find_swiglu_mlps
 
 __all__ = [
@@ -300,7 +300,7 @@ class NeuronStats:
         return cls({k: v.to(torch.float64) for k, v in state.items()}, dict(data.get("metadata", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the statistics atomically (temporary file in the same folder, then rename).
+        """Write the statistics atomically (:func:`lit_prune.io.atomic_open`).
 
         Raises:
             ValueError: If ``path`` is an existing directory.
@@ -308,15 +308,8 @@ class NeuronStats:
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"statistics path {str(path)!r} is a directory; give a file name such as stats.pt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False) as handle:
-            tmp = Path(handle.name)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_open(path, "wb") as handle:
+            torch.save(self.state_dict(), handle)
         return path
 
     @classmethod

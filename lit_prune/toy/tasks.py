@@ -16,13 +16,14 @@ so the same seed gives the same examples on every machine.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from lit_prune.jsonl import read_jsonl, write_jsonl  # re-exported: the toy recipe writes its data sets with them
 
 __all__ = [
     "MathProblem",
@@ -287,21 +288,3 @@ def dialogue_examples(path: str | Path, context_turns: int = 2, max_chars: int =
     if limit is not None and limit < len(records):
         records = random.Random(seed).sample(records, limit)
     return records
-
-
-def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
-    """Write ``records`` one JSON object a line (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """The records of a JSONL file, in order."""
-    with Path(path).open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)

@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from lit_prune.data import Example, SupervisedCollator, tokenize_supervised
 from lit_prune.data.prompts import MATH_INSTRUCTION
-from lit_prune.module import atomic_directory
+from lit_prune.io import replace_directory
 from lit_prune.tokenizer import build_tokenizer
 from lit_prune.toy import tasks
 
@@ -296,7 +296,7 @@ def package(run_dir: str | Path = DEFAULT_RUN_DIR, ship_dir: str | Path = DEFAUL
         raise FileNotFoundError(f"no exported model in {export_dir}; run `python -m lit_prune.toy train` first")
     evaluation = evaluation if evaluation is not None else json.loads((run_dir / EVAL_FILENAME).read_text())
     recipe = json.loads((run_dir / "recipe.json").read_text())
-    with atomic_directory(ship_dir) as tmp:
+    with replace_directory(ship_dir, argument="ship_dir", overwrite=True) as tmp:  # the project owns this folder
         for item in export_dir.iterdir():
             if item.is_file() and item.name != "README.md":
                 shutil.copy2(item, tmp / item.name)

@@ -260,11 +260,11 @@ def test_metric_accumulates_and_resets():
         assert float(metric.compute()) == 0.0  # nothing scored yet
     metric.update(["\\boxed{1}", "\\boxed{2}", "none"], ["#### 1", "#### 3", "#### 4"])
     metric.update(["\\boxed{5}"], ["5"])
-    assert metric.correct.item() == 2 and metric.total.item() == 4
+    assert metric.mean_value.item() == 2 and metric.weight.item() == 4  # MeanMetric: sum of hits, count
     result = metric.compute()
     assert isinstance(result, torch.Tensor) and float(result) == pytest.approx(0.5)
     metric.reset()
-    assert metric.total.item() == 0
+    assert metric.weight.item() == 0
 
 
 def test_metric_states_sum_across_processes():

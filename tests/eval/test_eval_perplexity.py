@@ -12,10 +12,11 @@ import torch
 
 from lit_prune.data import PruneDataModule, load_examples, load_texts
 from lit_prune.data.prompts import MATH_INSTRUCTION
-from lit_prune.eval.perplexity import IGNORE_INDEX, TokenNLL, perplexity_batch, sequence_nll, text_tokens
-from lit_prune.evaluation import EvalSettings
+from lit_prune.eval.perplexity import (IGNORE_INDEX, TokenNLL, nll_standard_error, paired_nll_difference,
+                                      perplexity_batch, per_text_nll, sequence_nll, text_tokens)
+from lit_prune.eval.suite import EvalSettings
 from lit_prune.module import PrunableCausalLM
-from lit_prune.report import print_comparison
+from lit_prune.eval.report import print_comparison
 from lit_prune.tiny import make_tiny_model, save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -110,6 +111,10 @@ def test_suite_perplexity_without_generation_metrics_matches_hand_computation(tm
         assert results[f"ppl_{name}"] == pytest.approx(math.exp(results[f"nll_{name}"]))
     records = [json.loads(line) for line in (tmp_path / "eval" / "dense.jsonl").read_text().splitlines()]
     assert len(records) == results["examples"] == 16 and {r["set"] for r in records} == set(expected)
+    for name, rows in expected.items():  # per-text sums (for paired comparisons) and the error over texts
+        texts = results["nll_texts"][name]
+        assert sorted(v[1] for v in texts.values()) == sorted(n for _, n in rows)
+        assert results[f"nll_{name}_se"] == pytest.approx(nll_standard_error(texts)) and results[f"nll_{name}_se"] > 0
     table = print_comparison([results])
     assert "PPL target" in table and "PPL distractor" in table and "PPL text" in table
     assert "PPL" not in print_comparison([{"label": "x", "exact_match": 0.5}])  # columns only when present
@@ -139,3 +144,77 @@ def test_perplexity_data_errors(tmp_path):
     with pytest.raises(ValueError, match=r"prompts.jsonl: line 1 has no string `text` field"):
         load_texts(str(prompts_only))
     assert len(load_texts(SQUAD)) == 87  # each paragraph once, not once per question
+
+
+def _jackknife(sums, tokens):
+    """Jackknife standard error of sum(x) / sum(t): an independent estimate of the ratio estimator's error."""
+    sums, tokens = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
+    n = len(sums)
+    leave_one_out = (sums.sum() - sums) / (tokens.sum() - tokens)
+    return math.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum().item())
+
+
+def test_sampling_errors_match_the_jackknife_and_pair_texts_by_id():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, 200, (400,), generator=generator).tolist()
+    difficulty = torch.rand(400, generator=generator) * 3  # texts differ far more than the two models do
+    a = [t * (float(d) + 0.1 * float(e)) for t, d, e in zip(tokens, difficulty, torch.randn(400, generator=generator))]
+    b = [t * float(d) for t, d in zip(tokens, difficulty)]
+    texts_a = {f"t{i}": [x, t] for i, (x, t) in enumerate(zip(a, tokens))}
+    texts_b = {f"t{i}": [x, t] for i, (x, t) in enumerate(zip(b, tokens))}
+    assert nll_standard_error(texts_a) == pytest.approx(_jackknife(a, tokens), rel=0.05)
+    difference, error, count = paired_nll_difference(texts_a, texts_b)
+    assert count == 400 and difference == pytest.approx((sum(a) - sum(b)) / sum(tokens))
+    assert error == pytest.approx(_jackknife([x - y for x, y in zip(a, b)], tokens), rel=0.05)
+    assert error < nll_standard_error(texts_a) / 5  # pairing removes the texts' own difficulty
+    # Texts are paired by id; one scored with another token count, or only in one evaluation, is left out.
+    texts_b["t0"] = [1.0, 1]
+    del texts_b["t1"]
+    assert paired_nll_difference(texts_a, texts_b)[2] == 398
+    assert nll_standard_error({"one": [1.0, 2]}) is None
+    with pytest.raises(ValueError, match="share no scored text"):
+        paired_nll_difference({"x": [1.0, 2]}, {"y": [1.0, 2]})
+    records = [{"task": "perplexity", "set": "target", "id": "a", "nll": 3.0, "tokens": 2},
+               {"task": "perplexity", "set": "target", "id": "b", "skipped": "too long"},
+               {"task": "math", "id": "c"}]
+    assert per_text_nll(records) == {"target": {"a": [3.0, 2]}}
+
+
+class _OwnModule(L.LightningModule):
+    """A user's own LightningModule around a causal LM: no PrunableCausalLM, three hooks call the evaluator."""
+
+    def __init__(self, model, tokenizer, settings: EvalSettings) -> None:
+        super().__init__()
+        from lit_prune.eval import Evaluator
+
+        self.model, self.tokenizer = model, tokenizer
+        self.evaluator = Evaluator(settings)
+
+    def on_test_start(self):
+        self.evaluator.start(self)
+
+    def test_step(self, batch, batch_idx):
+        self.evaluator.step(self, batch)
+
+    def on_test_epoch_end(self):
+        self.evaluator.finish(self)
+
+
+def test_any_lightning_module_with_a_causal_lm_is_evaluated_and_gets_its_results_back(tmp_path):
+    from lit_prune.eval import evaluate
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    reference = _test(model_dir, tmp_path / "reference")  # the same weights through PrunableCausalLM
+    model, tokenizer = make_tiny_model()
+    model.config.name_or_path = "my-org/my-model"
+    module = _OwnModule(model, tokenizer, EvalSettings(throughput_new_tokens=2, output_dir=str(tmp_path / "own")))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    results = evaluate(trainer, module, _ppl_data())
+    assert results["label"] == "my-model" and results["model"] == "my-org/my-model"  # named after its source
+    for name in ("target", "distractor", "general"):
+        assert results[f"nll_{name}"] == pytest.approx(reference[f"nll_{name}"], rel=1e-6)
+    assert json.loads((tmp_path / "own" / "my-model.json").read_text())["nll_target"] == results["nll_target"]
+    assert trainer.callback_metrics["test/nll_target"] == pytest.approx(results["nll_target"])
+    with pytest.raises(ValueError, match="needs a module with an `evaluator`"):
+        evaluate(trainer, L.LightningModule(), _ppl_data())

@@ -28,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lit_prune.io import atomic_write_text  # noqa: E402
+
 __all__ = ["Metric", "accuracy_key", "metric_for", "write_sweep_report"]
 
 log = logging.getLogger(__name__)
@@ -294,53 +296,116 @@ def _default_findings(summary: dict, metric: Metric) -> list[str]:
     return lines
 
 
+# Published width criteria of other methods: the default is measured against the best of them.
+PEERS = ("magnitude", "wanda_sp", "flap", "minitron", "taylor", "taylor_fisher")
+
+
 def _extra_columns(summary: dict) -> list[tuple[str, str]]:
-    """Perplexity columns beyond the ranking metric, when the evaluation measured them."""
-    return [(k, label) for k, label in (("nll_distractor", "distractor NLL"), ("nll_general", "text NLL"))
-            if summary["dense"].get(k) is not None]
+    """Perplexity columns beside the ranking metric, when the evaluation measured them."""
+    return [(k, label) for k, label in (("ppl_target", "target PPL"), ("ppl_distractor", "distractor PPL"),
+                                        ("ppl_general", "text PPL")) if summary["dense"].get(k) is not None]
+
+
+def _has(summary: dict, key: str) -> bool:
+    """Whether the dense result or any run's result carries ``key``."""
+    results = [summary["dense"]] + [r[s] for r in summary["runs"] for s in ("pruned", "recovered") if r.get(s)]
+    return any(result.get(key) is not None for result in results)
 
 
 def _criteria_table(summary: dict, metric: Metric, ratios: list[float]) -> list[str]:
-    """Per ratio and variant: the metric before -> after LoRA, traps, distractor similarity and planning time."""
-    runs = summary["runs"]
+    """Per ratio and variant: the metric before -> after LoRA, traps and distractor similarity (when measured),
+    perplexities, size, decode speed and planning time."""
+    runs, dense = summary["runs"], summary["dense"]
     extra = _extra_columns(summary)
+    traps, sss = _has(summary, "trap_total"), _has(summary, "sss")
+    se = dense.get(f"{metric.key}_se")
     lines = ["## Criteria", "",
-             f"{metric.title} after pruning -> after LoRA recovery ({summary['recovery_steps']} steps), traps after "
-             "pruning (%), distractor similarity (SSS) after pruning -> after recovery"
+             f"{metric.title} after pruning -> after LoRA recovery ({summary['recovery_steps']} steps)"
+             + (", traps after pruning (%)" if traps else "")
+             + (", distractor similarity (SSS) after pruning -> after recovery" if sss else "")
              + "".join(f", {label}" for _, label in extra)
-             + ", and the criterion's time: capture of the statistics it needs (shared by every variant on the same "
-             "capture; listed once per capture) + scoring/selection + re-fit. Bold: best after pruning at that ratio.",
+             + " (after pruning), parameters, greedy decode tokens/s at batch 1 (CPU, noisy: compare within a run), "
+             "and the criterion's time: capture of the statistics it needs (shared by every variant on the same "
+             "capture; listed once per capture) + scoring/selection + re-fit. Bold: best after pruning at that ratio."
+             + (f" Sampling error of one model's {metric.key} over the held-out texts: +-{se:.3f} (dense); differences "
+                "between variants are paired (the same texts) and far smaller, see the table below." if se else ""),
              ""]
     for capture, seconds in sorted({(r["capture"], r.get("capture_seconds")) for r in runs}, key=str):
         if seconds is not None:
             lines.append(f"- capture on {capture} tokens: {seconds:.1f} s")
     lines.append("")
-    dense = summary["dense"]
+    header = (f"| variant | {metric.key} pruned -> LoRA | " + ("traps | " if traps else "")
+              + ("SSS pruned -> LoRA | " if sss else "") + "".join(f"{label} | " for _, label in extra)
+              + "params | tok/s | select + re-fit (s) |")
+    rule = "|" + "---|" * (header.count("|") - 1)
+
+    def row(name: str, result: dict, value: str, recovered: dict | None, seconds: str) -> str:
+        cells = [name, value]
+        if traps:
+            cells.append("-" if result.get("trap_total") is None else f"{100 * result['trap_total']:.1f}")
+        if sss:
+            text = "-" if result.get("sss") is None else f"{result['sss']:.3f}"
+            if recovered and recovered.get("sss") is not None:
+                text += f" -> {recovered['sss']:.3f}"
+            cells.append(text)
+        cells += [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k, _ in extra]
+        cells.append(f"{result['parameters']:,}" if result.get("parameters") else "-")
+        cells.append(f"{result['decode_tokens_per_s']:.1f}" if result.get("decode_tokens_per_s") else "-")
+        return "| " + " | ".join(cells + [seconds]) + " |"
+
     for ratio in ratios:
         group = [r for r in runs if r["ratio"] == ratio]
         best = metric.value(metric.best(group))
-        lines += [f"### {100 * ratio:.0f}% (kept width {group[0]['kept_width']})", "",
-                  f"| variant | {metric.key} pruned -> LoRA | traps | SSS pruned -> LoRA | "
-                  + "".join(f"{label} | " for _, label in extra) + "select + re-fit (s) |",
-                  "|---|---|---|---|" + "---|" * len(extra) + "---|"]
-        if any(dense.get(k) is not None for k, _ in extra):
-            lines.append(f"| dense | {metric.fmt(metric.value(summary, 'dense'))} | - | - | "
-                         + "".join(f"{dense[k]:.3f} | " for k, _ in extra) + "- |")
+        lines += [f"### {100 * ratio:.0f}% (kept width {group[0]['kept_width']})", "", header, rule,
+                  row("dense", dense, metric.fmt(metric.value(summary, "dense")), None, "-")]
         for run in sorted(group, key=lambda r: metric.plot(metric.value(r)) * (-1 if metric.higher_is_better else 1)):
-            pruned, recovered = run["pruned"], run.get("recovered")
-            acc = metric.fmt(metric.value(run))
-            acc = f"**{acc}**" if metric.value(run) == best else acc
-            after = f" -> {metric.fmt(metric.value(run, 'recovered'))}" if recovered else ""
-            sss = "-" if pruned.get("sss") is None else f"{pruned['sss']:.3f}"
-            if recovered and recovered.get("sss") is not None:
-                sss += f" -> {recovered['sss']:.3f}"
-            traps = pruned.get("trap_total")
-            timing = run.get("seconds") or {}
-            lines.append(f"| {run['mode']} | {acc}{after} | {'-' if traps is None else f'{100 * traps:.1f}'} | {sss} | "
-                         + "".join(f"{pruned[k]:.3f} | " if pruned.get(k) is not None else "- | " for k, _ in extra)
-                         + f"{sum(timing.values()):.2f} |")
+            recovered = run.get("recovered")
+            value = metric.fmt(metric.value(run))
+            value = f"**{value}**" if metric.value(run) == best else value
+            value += f" -> {metric.fmt(metric.value(run, 'recovered'))}" if recovered else ""
+            lines.append(row(run["mode"], run["pruned"], value, recovered,
+                             f"{sum((run.get('seconds') or {}).values()):.2f}"))
         lines.append("")
     return lines
+
+
+def _versus_peers(summary: dict, metric: Metric) -> list[str]:
+    """The default criterion's damage (NLL increase over dense) against the best published peer's, per ratio,
+    with the paired sampling error of their difference over the held-out texts."""
+    default = summary.get("default_criterion")
+    if metric.higher_is_better or not default:
+        return []
+    from lit_prune.eval.perplexity import paired_nll_difference
+
+    set_name = metric.key.removeprefix("nll_")
+    base = metric.value(summary, "dense")
+    lines = []
+    for ratio in sorted({r["ratio"] for r in summary["runs"]}):
+        group = [r for r in summary["runs"] if r["ratio"] == ratio and metric.value(r) is not None]
+        ours = next((r for r in group if r["mode"] == default), None)
+        peers = [r for r in group if r["mode"] in PEERS]
+        if ours is None or not peers:
+            continue
+        peer, best = metric.best(peers), metric.best(group)
+        mine, theirs = metric.value(ours) - base, metric.value(peer) - base
+        ratio_text = f"{mine / theirs:.2f}" if theirs > 0 and mine >= 0 else "-"
+        texts = [r["pruned"].get("nll_texts", {}).get(set_name) for r in (ours, peer)]
+        paired = "-"
+        if all(texts):
+            difference, error, count = paired_nll_difference(*texts)
+            paired = f"{difference:+.3f} +- {error:.3f} ({count} texts)" if error is not None else f"{difference:+.3f}"
+        lines.append(f"| {100 * ratio:.0f}% ({ours['kept_width']}) | {mine:+.3f} | `{peer['mode']}` {theirs:+.3f} | "
+                     f"{ratio_text} | {paired} | `{best['mode']}` {metric.value(best) - base:+.3f} |")
+    if not lines:
+        return []
+    return ["## The default against the best peer", "",
+            f"Increase in {metric.key} over dense ({metric.fmt(base)}) after pruning, no recovery. Peers: the published "
+            f"criteria {', '.join(f'`{p}`' for p in PEERS)} (re-fit variants are lit_prune's and count as variants, "
+            "not peers). `default - peer` is the paired difference on the same texts with its standard error over "
+            "texts (ratio-estimator linearisation, `lit_prune.eval.perplexity.paired_nll_difference`): a difference "
+            "within about two errors of 0 is not resolved by this sample.", "",
+            f"| ratio (kept width) | `{default}` (default) | best peer | default / peer | default - peer | best variant |",
+            "|---|---|---|---|---|---|", *lines, ""]
 
 
 def _width_rows(summary: dict, ratio: float, metric: Metric) -> list[dict]:
@@ -472,7 +537,8 @@ def write_sweep_report(summary: dict, out: str | Path) -> Path:
              "## Findings", "",
              *[f"- {line}" for line in _findings(summary, metric) + (_structure_findings(summary, metric) if scored
                                                                      else [])],
-             "", *_criteria_table(summary, metric, ratios), *_structure_table(summary, metric),
+             "", *_versus_peers(summary, metric), *_criteria_table(summary, metric, ratios),
+             *_structure_table(summary, metric),
              "## Table 2: exact pruning ratios", "", "| nominal | kept width | exact |", "|---|---|---|"]
     for ratio in ratios:
         run = next(r for r in runs if r["ratio"] == ratio)
@@ -518,5 +584,5 @@ def write_sweep_report(summary: dict, out: str | Path) -> Path:
     lines += [f"![{name}]({file})" for name, file in figures.items()]
     lines.append("")
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report

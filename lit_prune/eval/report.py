@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from lit_prune.io import atomic_open
+from lit_prune.jsonl import write_json, write_jsonl  # re-exported: the reports' writers
 
 __all__ = ["METRIC_COLUMNS", "comparison_table", "print_comparison", "write_json", "write_jsonl"]
 
@@ -34,21 +32,6 @@ METRIC_COLUMNS = (
     ("peak_memory_mb", "Peak mem (MB)", "{:.0f}"),
     ("decode_tokens_per_s", "Tokens/s", "{:.1f}"),
 )
-
-
-def write_json(data: dict, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON, atomically and with the user's umask (:func:`lit_prune.io.atomic_open`)."""
-    with atomic_open(path, "w") as handle:
-        json.dump(data, handle, indent=1, default=str)
-    return Path(path)
-
-
-def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write one JSON object a line, atomically and with the user's umask (:func:`lit_prune.io.atomic_open`)."""
-    with atomic_open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, default=str) + "\n")
-    return Path(path)
 
 
 def _cell(value, fmt: str) -> str:
