@@ -20,10 +20,11 @@ from lit_prune.io import atomic_write_text
 from lit_prune.pruning.depth import DepthPlan
 from lit_prune.pruning.plan import PrunePlan
 
-__all__ = ["adopt", "hand_over"]
+__all__ = ["adopt", "hand_over", "handover_file"]
 
 
-def _handover_file(module) -> Path:
+def handover_file(module) -> Path:
+    """The file a ddp_spawn child leaves for the parent of ``module`` (named by the module's token)."""
     return Path(tempfile.gettempdir()) / f"lit_prune-spawn-{module._spawn_token}.json"
 
 
@@ -32,7 +33,7 @@ def hand_over(module) -> None:
     trainer = module.trainer
     if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) or trainer.local_rank != 0:
         return
-    atomic_write_text(_handover_file(module), json.dumps({
+    atomic_write_text(handover_file(module), json.dumps({
         "plan": None if module.prune_plan is None else module.prune_plan.to_dict(),
         "depth_plan": None if module.depth_plan is None else module.depth_plan.to_dict(),
         "lora_wrapped": module.is_lora_wrapped,
@@ -48,7 +49,7 @@ def adopt(module) -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return  # a child process itself
-    handover = _handover_file(module)
+    handover = handover_file(module)
     if not handover.is_file():
         return
     final = json.loads(handover.read_text())

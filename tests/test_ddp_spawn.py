@@ -21,6 +21,7 @@ from lit_prune.callbacks import ActivationCaptureCallback, SelectivityPruneCallb
 from lit_prune.data import PruneDataModule
 from lit_prune.module import LoraSettings, PrunableCausalLM
 from lit_prune.pruning import PrunePlan, find_swiglu_mlps
+from lit_prune.spawn import handover_file
 from lit_prune.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,5 +81,5 @@ def test_python_ddp_spawn_leaves_the_parent_with_the_merged_pruned_model(tmp_pat
     assert module.prune_plan is not None
     assert module.prune_plan.kept_indices == PrunePlan.load(export).kept_indices
     assert module.exported_to == export
-    assert not module._handover_file().exists()  # the hand-over file is consumed
+    assert not handover_file(module).exists()  # the hand-over file is consumed
     _same_logits(module.model, AutoModelForCausalLM.from_pretrained(export))
