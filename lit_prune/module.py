@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,7 @@ from lit_prune.export import EXPORT_ARGUMENT, export_dir_rules, model_card, rend
 from lit_prune.loading import load_causal_lm, load_tokenizer, resolve_model_source
 from lit_prune.pruning.depth import DEPTH_KEY, DepthPlan, read_checkpoint_depth_plan
 from lit_prune.pruning.plan import CHECKPOINT_KEY, PLAN_FILENAME, PrunePlan, read_checkpoint_plan
+from lit_prune.pruning.routing import enable_router_training, routing_penalty
 from lit_prune.pruning.stats import model_fingerprint
 from lit_prune.pruning.swiglu import find_swiglu_mlps
 from lit_prune.recovery import LORA_PRESETS, LR_SCHEDULES, LoraSettings, add_lora, lr_factor
@@ -150,6 +152,9 @@ class PrunableCausalLM(L.LightningModule):
         self._original: dict | None = None
         self.depth_plan: DepthPlan | None = self._exported_depth_plan(model_name_or_path)
         self.exported_to: Path | None = None
+        # Extra files of the export (e.g. DynamicDepthCallback's routers): name -> writer(model, folder) -> card
+        # entries, called inside the temporary export folder before the marker lists its files.
+        self.export_writers: dict[str, Callable[[nn.Module, Path], dict]] = {}
         self.recovery_steps = 0  # optimizer steps of finished fits: a fresh Trainer's test still labels "+lora"
         self.evaluator = Evaluator(evaluation)  # `trainer.test`'s metrics and reports (lit_prune.eval.evaluate)
 
@@ -219,6 +224,7 @@ class PrunableCausalLM(L.LightningModule):
         """Wrap the (already pruned) model with peft LoRA adapters (:func:`lit_prune.recovery.add_lora`)."""
         if self.lora is not None and not self.is_lora_wrapped:
             self.model = add_lora(self.model, self.lora)
+            enable_router_training(self.model)  # peft freezes all but its adapters; routers (if any) train too
 
     def merged_model(self) -> nn.Module:
         """The plain Hugging Face model, with LoRA adapters merged in (in place) if there are any."""
@@ -235,6 +241,10 @@ class PrunableCausalLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        penalty = routing_penalty(self.model)  # None without routers (lit_prune.pruning.routing)
+        if penalty is not None:
+            self.log("train_routing_penalty", penalty, batch_size=batch["input_ids"].shape[0])
+            loss = loss + penalty
         return loss
 
     @override
@@ -409,6 +419,8 @@ class PrunableCausalLM(L.LightningModule):
                 if self.prune_plan is not None:
                     self.prune_plan.save(tmp / PLAN_FILENAME)
                 card = self.model_card(extra_card)
+                for write in self.export_writers.values():
+                    card.update(write(model, tmp))
                 (tmp / "README.md").write_text(render_card(card))
                 write_export_marker(tmp, card)  # last: it lists the files, and marks the folder as ours to replace
             rank_zero_info(f"exported the model to {final}")

@@ -1,5 +1,5 @@
 """The method itself, in plain torch: find SwiGLU MLPs, stream statistics, score, plan, re-fit and slice; score and
-remove whole decoder blocks (depth)."""
+remove whole decoder blocks (depth); per-token routers that skip blocks (dynamic depth, :mod:`.routing`)."""
 
 from lit_prune.pruning.compensate import damped_gram, obs_select, refit_down
 from lit_prune.pruning.depth import (
@@ -17,6 +17,18 @@ from lit_prune.pruning.depth import (
 from lit_prune.pruning.engine import CAPTURE_TOKENS, DEFAULT_CRITERION, PruneResult, PruneSpec, make_plan
 from lit_prune.pruning.importance import CRITERIA, Criterion, compute_scores, get_criterion, selectivity
 from lit_prune.pruning.plan import PLAN_FILENAME, PrunePlan, kept_width, read_checkpoint_plan, validate_ratio
+from lit_prune.pruning.routing import (
+    ROUTING_KINDS,
+    RoutingSpec,
+    active_param_ratio,
+    install_routers,
+    load_routed,
+    load_routers,
+    routed_param_ratio,
+    routing_penalty,
+    save_routers,
+    skip_rates,
+)
 from lit_prune.pruning.stats import (
     AGGREGATIONS,
     GROUPS,
@@ -36,6 +48,7 @@ __all__ = [
     "DEPTH_CRITERIA",
     "GROUPS",
     "PLAN_FILENAME",
+    "ROUTING_KINDS",
     "ActivationRecorder",
     "Criterion",
     "DepthPlan",
@@ -46,7 +59,9 @@ __all__ = [
     "PrunePlan",
     "PruneResult",
     "PruneSpec",
+    "RoutingSpec",
     "StatsFileError",
+    "active_param_ratio",
     "blocks_for_param_ratio",
     "compute_scores",
     "damped_gram",
@@ -54,7 +69,10 @@ __all__ = [
     "depth_scores",
     "find_swiglu_mlps",
     "get_criterion",
+    "install_routers",
     "kept_width",
+    "load_routed",
+    "load_routers",
     "make_depth_plan",
     "make_plan",
     "model_fingerprint",
@@ -64,7 +82,11 @@ __all__ = [
     "read_checkpoint_plan",
     "refit_down",
     "remove_blocks",
+    "routed_param_ratio",
+    "routing_penalty",
+    "save_routers",
     "selectivity",
+    "skip_rates",
     "slice_mlp",
     "slice_model",
     "validate_ratio",
