@@ -40,11 +40,11 @@ def tokenize_supervised(tokenizer, example: Example, max_length: int) -> dict[st
 class SupervisedCollator:
     """Right-pads token lists into ``input_ids``, ``attention_mask`` and ``labels`` tensors.
 
-    Kept hand-written rather than transformers' ``DataCollatorForSeq2Seq``: that one pads on the tokenizer's
-    ``padding_side``, which generation sets to ``left`` on the same tokenizer object, and left padding shifts the
-    position ids of every shorter row (transformers 5 derives them from the cache position, not the mask), so
-    the loss of one example would depend on its batch. Here the side is always right and only the pad id is
-    needed (the collator pickles into DataLoader workers without the tokenizer).
+    Kept hand-written rather than transformers' ``DataCollatorForSeq2Seq``: that one pads on whatever
+    ``padding_side`` the tokenizer was saved with (tokenizers meant for generation are often saved with ``left``),
+    and left padding shifts the position ids of every shorter row (transformers 5 derives them from the cache
+    position, not the mask), so the loss of one example would depend on its batch. Here the side is always right
+    and only the pad id is needed (the collator pickles into DataLoader workers without the tokenizer).
     """
 
     def __init__(self, pad_token_id: int) -> None:

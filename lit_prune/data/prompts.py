@@ -6,7 +6,7 @@ import logging
 
 from lit_prune.data.sources import Example
 
-__all__ = ["CODE_INSTRUCTION", "MATH_INSTRUCTION", "format_prompt", "instruction_for"]
+__all__ = ["CODE_INSTRUCTION", "MATH_INSTRUCTION", "format_prompt", "instruction_for", "render_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,18 @@ def format_prompt(tokenizer, example: Example | str, kind: str | None = None) ->
     """
     if isinstance(example, str):
         example = Example(example, None, kind or "text")
-    instruction = instruction_for(kind or example.kind)
+    return render_prompt(tokenizer, example.prompt, instruction_for(kind or example.kind))
+
+
+def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """``prompt`` as a user message after an optional ``system`` message, ending where the answer begins.
+
+    The one rendering of prompts: fine-tuning, capture and perplexity (through :func:`format_prompt`) and
+    generation (:func:`lit_prune.eval.generate`) all use it, so a model is evaluated on the text it was trained
+    on. With a chat template: the template with the generation prompt. Without one: ``system``, a blank line, the
+    prompt and a newline.
+    """
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
-            {"role": "user", "content": example.prompt}
-        ]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (f"{instruction}\n\n" if instruction else "") + example.prompt + "\n"
+    return (f"{system}\n\n" if system else "") + prompt + "\n"

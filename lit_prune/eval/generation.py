@@ -18,6 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from lit_prune.data.prompts import render_prompt
 from lit_prune.eval.gsm8k import extract_last_boxed
 
 __all__ = ["BoxedAnswerStoppingCriteria", "GenerationRecord", "generate"]
@@ -137,16 +138,17 @@ def _render_prompts(
     apply_chat_template: bool,
     system_prompt: str | None,
 ) -> tuple[list[str], bool]:
-    """Prompts as strings for the tokenizer, and whether they already hold the special tokens."""
-    if apply_chat_template and getattr(tokenizer, "chat_template", None):
-        rendered = []
-        for prompt in prompts:
-            messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-            messages.append({"role": "user", "content": prompt})
-            rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        return rendered, True
+    """Prompts as strings for the tokenizer, and whether they already hold the special tokens.
+
+    With ``apply_chat_template`` they are rendered as fine-tuning renders them
+    (:func:`lit_prune.data.prompts.render_prompt`); without it they are used as given (after ``system_prompt`` and
+    a blank line).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
     if apply_chat_template:
-        log.info("The tokenizer has no chat template; the prompts are used as plain text.")
+        if not has_template:
+            log.info("The tokenizer has no chat template; the prompts are rendered as plain text.")
+        return [render_prompt(tokenizer, prompt, system_prompt) for prompt in prompts], has_template
     if system_prompt is not None:
         return [f"{system_prompt}\n\n{prompt}" for prompt in prompts], False
     return list(prompts), False
@@ -183,10 +185,11 @@ def generate(
     ``model.generate(do_sample=False)``. EOS is any id in the generation config's ``eos_token_id`` or the
     tokenizer's EOS token. The tokenizer's
     ``padding_side`` is set to ``"left"`` for the call and restored afterwards; a tokenizer without a pad
-    token borrows its EOS token as pad for the call. When ``apply_chat_template`` is set and the tokenizer has
-    a chat template, each prompt becomes a user message (after an optional system message) with the
-    generation prompt appended; otherwise the plain prompt is used (a ``system_prompt`` is then prepended,
-    separated by a blank line). The model is put in eval mode for the call and its mode restored.
+    token borrows its EOS token as pad for the call. With ``apply_chat_template`` each prompt is rendered as
+    fine-tuning renders it (:func:`lit_prune.data.prompts.render_prompt`: the chat template when the tokenizer has
+    one, else the system prompt, a blank line, the prompt and a newline); without it the plain prompt is used (a
+    ``system_prompt`` is then prepended, separated by a blank line). The model is put in eval mode for the call and
+    its mode restored.
 
     Args:
         model: A Hugging Face causal language model.

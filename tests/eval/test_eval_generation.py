@@ -133,14 +133,19 @@ def test_tokenizer_and_model_state_are_restored(memorized, tiny_tokenizer):
         memorized.eval()
 
 
-def test_plain_prompts_without_chat_template(tiny_qwen2, tiny_tokenizer):
+def test_without_a_chat_template_prompts_are_rendered_as_fine_tuning_renders_them(tiny_qwen2, tiny_tokenizer):
+    from lit_prune.data import Example
+    from lit_prune.data.prompts import MATH_INSTRUCTION, format_prompt
+
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = None
-    with_template_off = generate(
-        tiny_qwen2, tiny_tokenizer, ["Hello"], max_new_tokens=5, apply_chat_template=False, progress=False
-    )
+    (rendered,), special = _render_prompts(tokenizer, ["2+2?"], True, MATH_INSTRUCTION)
+    assert not special and rendered == format_prompt(tokenizer, Example("2+2?", "4", "math"))  # the training text
+    assert rendered == MATH_INSTRUCTION + "\n\n2+2?\n"
     no_template = generate(tiny_qwen2, tokenizer, ["Hello"], max_new_tokens=5, progress=False)
-    assert with_template_off[0].token_ids == no_template[0].token_ids
+    as_given = generate(tiny_qwen2, tiny_tokenizer, ["Hello\n"], max_new_tokens=5, apply_chat_template=False,
+                        progress=False)
+    assert no_template[0].token_ids == as_given[0].token_ids
 
 
 def test_system_prompt_goes_into_the_chat_template(tiny_tokenizer):
