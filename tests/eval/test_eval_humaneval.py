@@ -233,6 +233,7 @@ def test_sanitize_argument_errors(by_id):
 # ------------------------------------------------------------------------------------- full benchmark runs
 
 
+@pytest.mark.slow
 def test_canonical_solutions_pass_all_164(problems):
     """Full-program, continuation, continuation after a line of prose and (for a handful) markdown-with-prose
     forms of every canonical solution."""
