@@ -71,8 +71,9 @@ class LoraSettings:
             raise ValueError("`lora.target_modules` must name at least one module; got none")
 
 
-# Hyper-parameters in Lightning checkpoints hold LoraSettings; let `weights_only` loading accept it.
-torch.serialization.add_safe_globals([LoraSettings])
+# Hyper-parameters in Lightning checkpoints hold LoraSettings; let `weights_only` loading accept it, also under the
+# name checkpoints written before it moved here pickled (`lit_prune.module`, which still re-exports it).
+torch.serialization.add_safe_globals([LoraSettings, (LoraSettings, "lit_prune.module.LoraSettings")])
 
 # The paper's Table 7: learning rate and effective batch go with the Trainer / optimizer settings.
 LORA_PRESETS = {

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_prune.cli import cli_main
 from lit_prune.data import PruneDataModule
@@ -107,3 +108,55 @@ def test_the_result_table_fits_an_80_column_terminal():
         assert max(len(line) for line in text.splitlines()) <= width
         assert text.count("lit_prune evaluation") == tables and "Tokens/s" in text and "GSM8K EM" in text
         assert "│ pruned 25.0% (compensated) │" in plain  # the returned text (READMEs, logs) stays one wide table
+
+
+def test_metric_counts_stay_exact_when_bf16_true_converts_the_module():
+    """bf16-true converts the whole module, metric states included: bfloat16 counts exactly only to 256."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+    from torch import nn
+
+    from lit_prune.eval.suite import EvaluationSuite
+
+    holder = nn.Module()
+    holder.suite = EvaluationSuite(EvalSettings())
+    HalfPrecision("bf16-true").convert_module(holder)
+    holder.suite.reset()  # what the evaluator does at the start of every evaluation
+    for _ in range(165):  # 1,320 generations, 3 hits in 8
+        holder.suite.exact_match.update(["\\boxed{1}"] * 3 + ["no answer"] * 5, ["1"] * 8)
+        holder.suite.pass_at_1.update([True] * 3 + [False] * 5)
+        holder.suite.token_nll["target"].update(torch.tensor([0.1] * 8), torch.tensor([7] * 8))
+    assert float(holder.suite.exact_match.compute()) == 0.375 and float(holder.suite.pass_at_1.compute()) == 0.375
+    assert holder.suite.token_nll["target"].compute()["tokens"] == 1320 * 7
+
+
+def test_settings_pickled_under_their_old_module_names_still_load(tmp_path):
+    """Checkpoints written before LoraSettings / EvalSettings moved name them lit_prune.module / lit_prune.evaluation;
+    Lightning loads with weights_only, whose allow-list is by that name."""
+    from lit_prune.recovery import LoraSettings
+
+    for cls, old in ((LoraSettings, "lit_prune.module"), (EvalSettings, "lit_prune.evaluation")):
+        new = cls.__module__
+        cls.__module__ = old  # pickle it as the earlier code did
+        try:
+            torch.save({"hyper_parameters": {"x": cls()}}, tmp_path / "old.ckpt")
+        finally:
+            cls.__module__ = new
+        assert old.encode() in (tmp_path / "old.ckpt").read_bytes()  # the file names the old module
+        loaded = torch.load(tmp_path / "old.ckpt", weights_only=True)
+        assert loaded["hyper_parameters"]["x"] == cls()
+
+
+def test_evaluate_refuses_to_return_a_previous_evaluations_results(tmp_path):
+    import lightning as L
+
+    from lit_prune.data import PruneDataModule
+    from lit_prune.eval import evaluate
+    from lit_prune.module import PrunableCausalLM
+
+    module = PrunableCausalLM(str(save_tiny_model(tmp_path / "model")),
+                              evaluation=EvalSettings(throughput_new_tokens=2, output_dir=str(tmp_path / "eval")))
+    module.evaluator.results = {"label": "stale"}
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_test_batches=0)
+    data = PruneDataModule(target="x", eval_ppl_target=str(SHARED / "gsm8k" / "test.jsonl"), eval_ppl_samples=2)
+    with pytest.raises(RuntimeError, match="ran no evaluation"):
+        evaluate(trainer, module, data)

@@ -186,6 +186,10 @@ def test_report_ranks_by_target_nll_when_nothing_was_generated(tmp_path):
     error = math.sqrt(1.5 * sum((d + 0.11 * 10) ** 2 for d in (-1.0, -1.1, -1.2))) / 30
     assert (f"| 50% (8) | +0.150 | `wanda_sp` +0.100 | 1.50 | -0.110 +- {error:.3f} (3 texts) | `wanda_sp` +0.100 |"
             in report)
+    for run_ in summary["runs"]:  # the peer scored other texts: no paired difference, the report still written
+        if run_["mode"] == "wanda_sp":
+            run_["pruned"]["nll_texts"] = {"target": {"other": [1.0, 10]}}
+    assert "| 50% (8) | +0.150 | `wanda_sp` +0.100 | 1.50 | - |" in write_sweep_report(summary, tmp_path).read_text()
     with pytest.raises(ValueError, match="no metric to rank by"):
         metric_for({"sss": 0.9})
 

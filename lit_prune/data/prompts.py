@@ -6,7 +6,7 @@ import logging
 
 from lit_prune.data.sources import Example
 
-__all__ = ["CODE_INSTRUCTION", "MATH_INSTRUCTION", "format_prompt", "instruction_for", "render_prompt"]
+__all__ = ["CODE_INSTRUCTION", "MATH_INSTRUCTION", "PROMPT_FORMAT", "format_prompt", "instruction_for", "render_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +14,10 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 CODE_INSTRUCTION = "You are a helpful coding assistant. Write correct, self-contained Python code."
 
 _INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION}
+
+# Version of :func:`render_prompt`'s output, part of the key cached reference outputs are stored under: outputs
+# generated from prompts rendered another way are never reused. 2: generation renders as fine-tuning does.
+PROMPT_FORMAT = 2
 
 
 def instruction_for(kind: str) -> str | None:

@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lit_prune.data.prompts import PROMPT_FORMAT
 from lit_prune.eval.perplexity import nll_standard_error, per_text_nll
 from lit_prune.eval.resources import PeakMemory, count_parameters, decode_throughput
 from lit_prune.eval.suite import EvalSettings, EvaluationSuite
@@ -212,11 +213,13 @@ class Evaluator(nn.Module):
         the task and the generation budget."""
         subject = Subject.of(module, self.settings)
         fingerprint = subject.reference_fingerprint
-        if fingerprint is None:  # the evaluated model is the reference: fingerprint its weights (once per model)
+        if fingerprint is None and not subject.modified:  # its own reference: fingerprint its weights, once per model
             model = _base(module.model)
-            fingerprint = self._fingerprints.setdefault(id(model), model_fingerprint(model))
+            if id(model) not in self._fingerprints:
+                self._fingerprints[id(model)] = model_fingerprint(model)
+            fingerprint = self._fingerprints[id(model)]
         return {"model": subject.reference_model or subject.source, "weights": fingerprint, "task": task,
-                "greedy": True, "max_new_tokens": self.settings.budget(task)}
+                "greedy": True, "max_new_tokens": self.settings.budget(task), "prompt_format": PROMPT_FORMAT}
 
     def _reference_lm(self, module: L.LightningModule) -> nn.Module:
         from lit_prune.loading import load_causal_lm
@@ -257,10 +260,15 @@ def evaluate(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Lightn
 
     Raises:
         ValueError: If the module has no ``evaluator``.
+        RuntimeError: If ``trainer.test`` finished without an evaluation.
     """
     evaluator = getattr(module, "evaluator", None)
     if not isinstance(evaluator, Evaluator):
         raise ValueError(f"`evaluate` needs a module with an `evaluator` (lit_prune.eval.Evaluator); "
                          f"{type(module).__name__} has {type(evaluator).__name__}")
+    evaluator.results = None  # never hand back an earlier evaluation's results
     trainer.test(module, datamodule=datamodule, verbose=False)
+    if evaluator.results is None:
+        raise RuntimeError("`trainer.test` ran no evaluation (is `trainer.limit_test_batches` 0, or does the module "
+                           "not call its evaluator's `start` / `step` / `finish`?)")
     return evaluator.results

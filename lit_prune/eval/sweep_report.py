@@ -392,8 +392,12 @@ def _versus_peers(summary: dict, metric: Metric) -> list[str]:
         texts = [r["pruned"].get("nll_texts", {}).get(set_name) for r in (ours, peer)]
         paired = "-"
         if all(texts):
-            difference, error, count = paired_nll_difference(*texts)
-            paired = f"{difference:+.3f} +- {error:.3f} ({count} texts)" if error is not None else f"{difference:+.3f}"
+            try:
+                difference, error, count = paired_nll_difference(*texts)
+                paired = (f"{difference:+.3f} +- {error:.3f} ({count} texts)" if error is not None
+                          else f"{difference:+.3f}")
+            except ValueError:  # no text scored by both: not comparable text by text
+                paired = "-"
         lines.append(f"| {100 * ratio:.0f}% ({ours['kept_width']}) | {mine:+.3f} | `{peer['mode']}` {theirs:+.3f} | "
                      f"{ratio_text} | {paired} | `{best['mode']}` {metric.value(best) - base:+.3f} |")
     if not lines:
