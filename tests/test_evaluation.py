@@ -160,3 +160,28 @@ def test_evaluate_refuses_to_return_a_previous_evaluations_results(tmp_path):
     data = PruneDataModule(target="x", eval_ppl_target=str(SHARED / "gsm8k" / "test.jsonl"), eval_ppl_samples=2)
     with pytest.raises(RuntimeError, match="ran no evaluation"):
         evaluate(trainer, module, data)
+
+
+@pytest.mark.slow
+def test_a_task_with_fewer_batches_than_ranks_is_evaluated_on_two_ddp_ranks(tmp_path):
+    """One math batch over 2 ranks: rank 1 sees none, yet every rank must compute (and sync) the math metrics."""
+    import lightning as L
+
+    from lit_prune.module import PrunableCausalLM
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"eval{devices}"
+        module = PrunableCausalLM(str(model_dir), evaluation=EvalSettings(
+            throughput_new_tokens=2, max_new_tokens_math=8, output_dir=str(out), label="dense"))
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False)
+        data = PruneDataModule(target="x", eval_math=str(SHARED / "gsm8k" / "test.jsonl"), eval_samples=3,
+                               eval_batch_size=8, eval_ppl_target=str(SHARED / "gsm8k" / "test.jsonl"),
+                               eval_ppl_samples=3)
+        trainer.test(module, datamodule=data, verbose=False)
+        results[devices] = json.loads((out / "dense.json").read_text())
+    for key in ("exact_match", "trap_total", "nll_target", "tokens_target"):
+        assert results[1][key] == pytest.approx(results[2][key]), key
+    assert results[1]["examples"] == results[2]["examples"] == 6

@@ -227,7 +227,7 @@ class EvaluationSuite(nn.Module):
 
         Perplexity sets appear as ``nll_<set>``, ``ppl_<set>`` and ``tokens_<set>`` when any rank scored a token.
         """
-        seen = self.tasks_seen
+        seen = _union_over_ranks(self.tasks_seen)  # every rank computes (and syncs) the same metrics, in one order
         results: dict = {"settings": asdict(self.settings)}
         if "math" in seen:
             trap = self.traps.compute()
@@ -248,3 +248,13 @@ class EvaluationSuite(nn.Module):
                     results.update({f"nll_{name}": scores["nll"], f"ppl_{name}": scores["ppl"],
                                     f"tokens_{name}": scores["tokens"]})
         return results
+
+
+def _union_over_ranks(tasks: set[str]) -> set[str]:
+    """The tasks any rank evaluated. A task with fewer batches than ranks reaches only some of them, and a metric's
+    ``compute`` synchronises every rank: one that skipped it would wait in another collective (a hang)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return set(tasks)
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, sorted(tasks))
+    return set().union(*map(set, gathered))
