@@ -56,3 +56,19 @@ def write_section(out: Path, name: str, text: str) -> Path:
             parts += [f"<!-- {section}: python -m {module} -->", (out / section).read_text(encoding="utf-8"), ""]
     atomic_write_text(index, "\n".join(parts))
     return out / name
+
+
+def load_for_analysis(model_path: str):
+    """``(model in eval mode, tokenizer with a pad token, console)`` for an analysis' command line: the model and its
+    tokenizer through :mod:`lit_prune.loading` (EOS borrowed as pad when there is none), and a rich console 200
+    columns wide when the output is not a terminal (so logged tables are not cut)."""
+    import sys
+
+    from rich.console import Console
+
+    from lit_prune.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return load_causal_lm(model_path).eval(), tokenizer, Console(width=None if sys.stdout.isatty() else 200)

@@ -31,7 +31,6 @@ import argparse
 import copy
 import logging
 import re
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from lit_prune.analysis._report import markdown_table, save_figure, write_section
+from lit_prune.analysis._report import load_for_analysis, markdown_table, save_figure, write_section
 from lit_prune.analysis.calibration import calibration_texts
 from lit_prune.data.batching import labelled_batches
 from lit_prune.data.prompts import format_prompt
@@ -531,7 +530,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Raises:
         ValueError: For bad arguments or a predicate that marks no token.
     """
-    from lit_prune.loading import load_causal_lm, load_tokenizer
 
     args = _parser().parse_args(argv)
     started = time.perf_counter()
@@ -551,11 +549,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          else {"toy-math": str(Path(args.model) / "math_capture.jsonl"),
                                "toy-qna": str(Path(args.model) / "qna_capture.jsonl")})
     source = args.texts or str(Path(args.model) / "math_eval.jsonl")
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(args.model).eval()
+    model, tokenizer, console = load_for_analysis(args.model)
     for spec in width_specs + sparsity_specs:
         spec.check_model(model)
     examples = load_examples(source, split="test", limit=args.samples, seed=args.seed)

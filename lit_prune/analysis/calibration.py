@@ -42,7 +42,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from lit_prune.analysis._report import fmt, markdown_table, save_figure, write_section
+from lit_prune.analysis._report import fmt, load_for_analysis, markdown_table, save_figure, write_section
 from lit_prune.analysis.coverage import DEFAULT_COVERAGE_MODEL, semantic_coverage
 from lit_prune.data.batching import labelled_batches
 from lit_prune.data.prompts import format_prompt
@@ -588,7 +588,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ValueError: For bad arguments (an unknown criterion or method, a ratio outside (0, 1), a set that is
             missing or too small).
     """
-    from lit_prune.loading import load_causal_lm, load_tokenizer
 
     args = _parser().parse_args(argv)
     started = time.perf_counter()
@@ -606,11 +605,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not Path(path).exists():
             raise ValueError(f"calibration set {name!r}: file {path!r} does not exist")
     target_path = args.target or str(Path(args.model) / "math_eval.jsonl")
-    console = Console(width=None if __import__("sys").stdout.isatty() else 200)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(args.model).eval()
+    model, tokenizer, console = load_for_analysis(args.model)
     sets = {name: load_examples(path, limit=args.samples, seed=args.seed) for name, path in paths.items()}
     target = load_examples(target_path, split="test", limit=args.eval_samples, seed=args.seed)
     study = calibration_study(model, tokenizer, sets, target, width_specs, sparsity_specs, args.coverage_model,

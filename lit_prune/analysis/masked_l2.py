@@ -44,7 +44,6 @@ import copy
 import inspect
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -57,7 +56,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from lit_prune.analysis._report import fmt, markdown_table, save_figure
+from lit_prune.analysis._report import fmt, load_for_analysis, markdown_table, save_figure
 from lit_prune.analysis.calibration import calibration_texts, target_nll
 from lit_prune.data.batching import labelled_batches
 from lit_prune.data.sources import Example, load_examples
@@ -838,7 +837,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ValueError: For bad arguments (a rho < 0, a fraction outside (0, 1), steps < 1, counts < 1), checked before
             the model is loaded.
     """
-    from lit_prune.loading import load_causal_lm, load_tokenizer
 
     args = _parser().parse_args(argv)
     started = time.perf_counter()
@@ -854,11 +852,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     calibration_path = args.calibration or str(Path(args.model) / "math_capture.jsonl")
     target_path = args.target or str(Path(args.model) / "math_eval.jsonl")
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(args.model).eval()
+    model, tokenizer, console = load_for_analysis(args.model)
     spec.check_model(model)
     calibration = load_examples(calibration_path, limit=args.samples, seed=args.seed)
     target = load_examples(target_path, split="test", limit=args.eval_samples, seed=args.seed)
